@@ -1,0 +1,142 @@
+"""The ``psoups`` command line: parse, load the config, call one library function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import yaml
+
+from psoups_ray import __version__
+from psoups_ray.errors import PsoupsError
+
+DEFAULT_OUT_ROOT = "runs"
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="NAME_OR_FILE",
+        help="built-in config name or YAML file (default: the built-in 'tiny')",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set base.sft.steps=100 (repeatable; "
+        "`psoups config --explain` lists every key)",
+    )
+
+
+def _add_run_args(parser: argparse.ArgumentParser) -> None:
+    _add_config_args(parser)
+    parser.add_argument(
+        "--out",
+        metavar="PATH_OR_URI",
+        help="run directory: a local path or a pyarrow.fs URI (file://, s3://, gs://); "
+        f"default: ./{DEFAULT_OUT_ROOT}/<config name>",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="redo the requested stages even when complete"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from psoups_ray.pipeline import STAGES, STAGE_NAMES
+
+    parser = argparse.ArgumentParser(
+        prog="psoups",
+        description="Personalized Soups on Ray: per-preference reward models and PPO "
+        "policies trained in parallel, merged per combination, tuned and served.",
+    )
+    parser.add_argument("--version", action="version", version=f"psoups_ray {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = commands.add_parser(
+        "run",
+        help="run the pipeline (all stages, or --stages), resuming a previous run",
+        description="Run stages in pipeline order; stages already complete in the run "
+        "directory are skipped, missing prerequisites run first.",
+    )
+    _add_run_args(run)
+    run.add_argument(
+        "--stages",
+        metavar="LIST",
+        help=f"comma-separated stages to run (default: all): {','.join(STAGE_NAMES)}",
+    )
+    for stage in STAGES:
+        sub = commands.add_parser(
+            stage.name,
+            help=f"stage: {stage.summary}"
+            + ("" if stage.run else f" [not implemented yet: {stage.tracked_in}]"),
+            description=f"Run only the {stage.name} stage ({stage.summary}); the stages it "
+            "needs must already be complete in the run directory.",
+        )
+        _add_run_args(sub)
+
+    config = commands.add_parser(
+        "config", help="print the resolved configuration, or --explain every key"
+    )
+    _add_config_args(config)
+    config.add_argument(
+        "--explain", action="store_true", help="list every key with its type, default and doc"
+    )
+    return parser
+
+
+def _command(args: argparse.Namespace) -> int:
+    from psoups_ray.config import explain, load_config
+
+    if args.command == "config" and args.explain:
+        print("\n".join(explain()))
+        return 0
+    config = load_config(args.config, args.overrides)
+    if args.command == "config":
+        print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+        return 0
+
+    from psoups_ray.pipeline import parse_stages, run_pipeline
+    from psoups_ray.progress import log
+
+    out = args.out or f"{DEFAULT_OUT_ROOT}/{config.name}"
+    if args.command == "run":
+        manifest = run_pipeline(config, out, parse_stages(args.stages), force=args.force)
+    else:
+        manifest = run_pipeline(
+            config, out, [args.command], force=args.force, run_prerequisites=False
+        )
+    complete = [name for name in manifest.data["stages"] if manifest.is_complete(name)]
+    log(f"complete stages: {', '.join(complete) or 'none'}")
+    log(f"manifest: {manifest.rundir.uri('manifest.json')}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _command(args)
+    except PsoupsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "interrupted: completed stages are recorded; re-run the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        _shutdown_ray()
+
+
+def _shutdown_ray() -> None:
+    """Stop the local Ray cluster this process started (a no-op when connected elsewhere)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

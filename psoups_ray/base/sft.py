@@ -1,0 +1,187 @@
+"""Supervised fine-tuning of the base with TRL's SFTTrainer.
+
+:func:`run_sft` is callable without Ray (one process, used by unit tests and
+notebooks); :func:`sft_train_loop` is the Ray Train per-worker entry point
+around it: it adds Ray's checkpoint reporting and resumes from the last
+checkpoint Ray Train restored after a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import PrinterCallback, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from psoups_ray.base.model import build_tiny_model, load_causal_lm, load_tokenizer
+from psoups_ray.config import BaseConfig
+from psoups_ray.generation import generate
+from psoups_ray.progress import log
+from psoups_ray.rundir import RunDir
+
+
+@dataclass(frozen=True)
+class SFTJob:
+    """Everything one SFT run needs; artifacts are addressed inside ``run_location``."""
+
+    run_location: str
+    base: BaseConfig
+    seed: int
+    tokenizer_relpath: str  # tokenizer directory in the run dir
+    data_relpath: str  # JSONL of {"prompt", "completion"} rows (prompts already formatted)
+    output_relpath: str  # where the fine-tuned model + tokenizer go
+    metrics_relpath: str  # JSON written by rank 0 at the end
+    init_from: str | None = None  # model reference to fine-tune; None -> a fresh tiny model
+    sample_prompts: tuple[str, ...] = ()  # formatted prompts to sample after training
+    label: str = "base"
+
+
+class _ProgressCallback(TrainerCallback):
+    """Prints ``[label] step i/n loss ...`` on rank 0 every ``logging_steps``."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.started = time.monotonic()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        elapsed = time.monotonic() - self.started
+        log(
+            f"[{self.label}] step {state.global_step}/{state.max_steps} "
+            f"loss {logs['loss']:.3f} lr {logs.get('learning_rate', 0):.2e} ({elapsed:.0f}s)"
+        )
+
+
+def _training_args(job: SFTJob, output_dir: str) -> SFTConfig:
+    sft = job.base.sft
+    use_gpu = sft.resources.use_gpu
+    return SFTConfig(
+        output_dir=output_dir,
+        max_steps=sft.steps,
+        per_device_train_batch_size=sft.batch_size,
+        gradient_accumulation_steps=sft.gradient_accumulation_steps,
+        learning_rate=sft.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=sft.warmup_ratio,
+        weight_decay=sft.weight_decay,
+        max_length=sft.max_length,
+        completion_only_loss=True,
+        logging_steps=sft.logging_steps,
+        save_strategy="steps",
+        save_steps=sft.checkpoint_every,
+        save_total_limit=1,
+        use_cpu=not use_gpu,
+        bf16=use_gpu and job.base.dtype == "bfloat16",
+        fp16=use_gpu and job.base.dtype == "float16",
+        gradient_checkpointing=False,
+        report_to="none",
+        disable_tqdm=True,
+        seed=job.seed,
+        data_seed=job.seed,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+    )
+
+
+def run_sft(job: SFTJob, *, under_ray: bool = False) -> dict[str, Any]:
+    """Fine-tune, save the model to the run dir (rank 0), return (and write) metrics."""
+    rundir = RunDir(job.run_location)
+    rank, world_size = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+    tokenizer = load_tokenizer(str(rundir.local_dir(job.tokenizer_relpath)))
+    if job.init_from is None:
+        model = build_tiny_model(job.base.tiny, tokenizer, seed=job.seed)
+    else:
+        model = load_causal_lm(
+            job.init_from, job.base.dtype, job.base.revision, job.base.trust_remote_code
+        )
+    lines = rundir.read_text(job.data_relpath).splitlines()
+    dataset = Dataset.from_list([json.loads(line) for line in lines if line.strip()])
+
+    workdir = tempfile.mkdtemp(prefix=f"psoups-{job.label}-")
+    try:
+        resume_from = _restore_ray_checkpoint(workdir) if under_ray else None
+        if resume_from and rank == 0:
+            log(f"[{job.label}] resuming from checkpoint {Path(resume_from).name}")
+        callbacks: list[TrainerCallback] = [_ProgressCallback(job.label)]
+        if under_ray:
+            from ray.train.huggingface.transformers import RayTrainReportCallback
+
+            callbacks.append(RayTrainReportCallback())
+        trainer = SFTTrainer(
+            model=model,
+            args=_training_args(job, workdir),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+        trainer.remove_callback(PrinterCallback)  # our progress line replaces its raw dicts
+        if under_ray:
+            from ray.train.huggingface.transformers import prepare_trainer
+
+            trainer = prepare_trainer(trainer)
+        started = time.monotonic()
+        output = trainer.train(resume_from_checkpoint=resume_from)
+        train_seconds = time.monotonic() - started
+
+        final_dir = Path(workdir, "final")
+        trainer.save_model(str(final_dir))  # every rank: DeepSpeed/FSDP gather inside
+        metrics: dict[str, Any] = {
+            "train_loss": float(output.training_loss),
+            "steps": int(trainer.state.global_step),
+            "resumed": bool(resume_from),
+            "train_seconds": round(train_seconds, 2),
+            "num_workers": world_size,
+            "num_parameters": sum(p.numel() for p in trainer.model.parameters()),
+        }
+        if rank == 0:
+            tokenizer.save_pretrained(str(final_dir))
+            rundir.upload_dir(final_dir, job.output_relpath)
+            if job.sample_prompts:
+                metrics["samples"] = _sample(trainer.model, tokenizer, job)
+            rundir.write_json(job.metrics_relpath, metrics)
+            log(f"[{job.label}] saved model to {rundir.uri(job.output_relpath)}")
+        return metrics
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _sample(model, tokenizer, job: SFTJob) -> list[str]:
+    started = time.monotonic()
+
+    def progress(done: int, total: int) -> None:
+        log(f"[{job.label}] sampled {done}/{total} held-out prompts ({time.monotonic() - started:.0f}s)")
+
+    return generate(
+        model, tokenizer, list(job.sample_prompts), job.base.sample, seed=job.seed, on_batch=progress
+    )
+
+
+def _restore_ray_checkpoint(workdir: str) -> str | None:
+    """Copy the checkpoint Ray Train restored (after a failure or restart) into ``workdir``."""
+    import ray.train
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    target = Path(workdir, "resume")
+    with checkpoint.as_directory() as directory:
+        shutil.copytree(Path(directory, RayTrainReportCallback.CHECKPOINT_NAME), target)
+    return str(target)
+
+
+def sft_train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train per-worker entry point: ``loop_config = {"job": SFTJob}``."""
+    run_sft(loop_config["job"], under_ray=True)

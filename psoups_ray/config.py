@@ -1,0 +1,375 @@
+"""Typed configuration: pydantic models, YAML files, dotted ``--set`` overrides.
+
+Every field is documented once, in the docstring under it; that text is what
+``psoups config --explain`` prints. A bad key, type or value fails before any
+work starts, with every problem listed (key, given value, what is allowed).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from psoups_ray.errors import ConfigError
+from psoups_ray.preferences import PreferenceSpace, PreferenceSpaceSpec
+
+TINY_MODEL = "tiny"
+BUILTIN_CONFIGS_PACKAGE = "psoups_ray.configs"
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=True
+    )
+
+
+class RayConfig(StrictModel):
+    """How to reach (or start) the Ray cluster."""
+
+    address: str | None = None
+    """Address of a running Ray cluster (``ray://host:10001`` or ``auto``). Empty: use
+    ``RAY_ADDRESS`` when set (as under ``ray job submit``), otherwise start a local cluster."""
+    num_cpus: int | None = Field(default=None, ge=1)
+    """CPUs of a newly started local cluster (default: all of this machine's)."""
+    num_gpus: int | None = Field(default=None, ge=0)
+    """GPUs of a newly started local cluster (default: all visible)."""
+    include_dashboard: bool = True
+    """Start the Ray dashboard with a local cluster (bound to ``dashboard_host``). Ray
+    Train's controller queries the state API it hosts to clean up after failed runs."""
+    dashboard_host: str = "127.0.0.1"
+    """Interface the dashboard of a local cluster binds to; keep 127.0.0.1 unless you
+    put authentication in front of it."""
+
+
+class ScalingSpec(StrictModel):
+    """Resources of one Ray Train run (one pole's job)."""
+
+    num_workers: int = Field(default=1, ge=1)
+    """Data-parallel workers of the run (DDP: gloo on CPU, NCCL on GPU)."""
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    """CPUs reserved per worker."""
+    use_gpu: bool = False
+    """Give each worker ``gpus_per_worker`` GPUs and train on them."""
+    gpus_per_worker: float = Field(default=1.0, gt=0)
+    """GPUs per worker when ``use_gpu`` is true."""
+    max_failures: int = Field(default=2, ge=-1)
+    """Worker failures the run survives by restarting from its last checkpoint (-1: no limit)."""
+
+
+class TinyModelSpec(StrictModel):
+    """Shape of the built-in tiny Llama-style model (used when ``base.model`` is ``tiny``)."""
+
+    vocab_size: int = Field(default=600, ge=64, le=65536)
+    """Size of the BPE vocabulary trained on the tiny world's text."""
+    hidden_size: int = Field(default=128, ge=8)
+    """Model width."""
+    num_layers: int = Field(default=4, ge=1)
+    """Transformer blocks."""
+    num_heads: int = Field(default=4, ge=1)
+    """Attention heads (must divide ``hidden_size``)."""
+    intermediate_size: int = Field(default=344, ge=8)
+    """MLP width."""
+    max_position_embeddings: int = Field(default=256, ge=16)
+    """Longest sequence the model handles (prompt + response, in tokens)."""
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> TinyModelSpec:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        return self
+
+
+class SFTSpec(StrictModel):
+    """Supervised fine-tuning of the base (TRL SFTTrainer inside a Ray Train run)."""
+
+    enabled: bool = True
+    """Run SFT. For ``tiny`` it is always on (the model starts random); for a real model it
+    runs only when ``data_files`` are given."""
+    data_files: list[str] = Field(default_factory=list)
+    """JSONL files of ``{"prompt": ..., "completion": ...}`` rows to SFT a real model on.
+    Unused for ``tiny`` (its data comes from the tiny world)."""
+    num_examples: int = Field(default=4000, ge=1)
+    """Tiny world: number of generated (instruction, response) examples."""
+    prompted_fraction: float = Field(default=0.25, ge=0, le=1)
+    """Tiny world: share of SFT examples whose instruction carries the preference prompts
+    of some of the response's poles, so the base follows preference prompts a little
+    (the ``base+prompt`` baseline) while unprompted it samples every style."""
+    steps: int = Field(default=400, ge=1)
+    """Optimizer steps."""
+    batch_size: int = Field(default=32, ge=1)
+    """Examples per step per worker (global batch = batch_size x num_workers x grad_accum)."""
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    """Micro-batches accumulated per optimizer step."""
+    learning_rate: float = Field(default=2e-3, gt=0, le=1)
+    """Peak learning rate (cosine schedule with warmup)."""
+    warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
+    """Fraction of steps spent warming the learning rate up."""
+    weight_decay: float = Field(default=0.0, ge=0)
+    """AdamW weight decay."""
+    max_length: int = Field(default=192, ge=8)
+    """Longest tokenised example (prompt + completion); longer ones are truncated."""
+    checkpoint_every: int = Field(default=100, ge=1)
+    """Save a checkpoint to the run's storage every N steps (resume point after a failure)."""
+    logging_steps: int = Field(default=20, ge=1)
+    """Print and report the loss every N steps."""
+    resources: ScalingSpec = Field(default_factory=ScalingSpec)
+    """Ray Train resources of the SFT run."""
+
+
+class GenerationSpec(StrictModel):
+    """Sampling settings."""
+
+    max_new_tokens: int = Field(default=128, ge=1)
+    """Longest response, in tokens."""
+    temperature: float = Field(default=1.0, gt=0)
+    """Sampling temperature."""
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    """Nucleus sampling mass."""
+    batch_size: int = Field(default=32, ge=1)
+    """Prompts generated for in one batch."""
+
+
+class BaseConfig(StrictModel):
+    """The base model every adapter is trained on."""
+
+    model: str = TINY_MODEL
+    """``tiny`` (train the built-in tiny world's model), or a Hugging Face model id or
+    local directory, e.g. ``allenai/tulu-2-7b``."""
+    tokenizer: str | None = None
+    """Tokenizer id or directory when it differs from ``model``."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of a real model."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub to run. Off unless you trust the repository."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """Weights' dtype when loading the base."""
+    tiny: TinyModelSpec = Field(default_factory=TinyModelSpec)
+    """Shape of the tiny model."""
+    sft: SFTSpec = Field(default_factory=SFTSpec)
+    """Supervised fine-tuning."""
+    sample: GenerationSpec = Field(default_factory=GenerationSpec)
+    """Sampling used to measure the base's per-pole attribute rates (tiny world)."""
+    num_sample_prompts: int = Field(default=64, ge=1)
+    """Held-out prompts sampled to measure the base's attribute rates."""
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.model == TINY_MODEL
+
+
+class WorldConfig(StrictModel):
+    """The built-in synthetic instruction world (used with ``base.model: tiny``)."""
+
+    seed: int = 0
+    """Seed of the world's prompts, responses and train/eval split."""
+    num_eval_prompts: int = Field(default=64, ge=1)
+    """Held-out evaluation prompts, disjoint from the training prompts."""
+    tokenizer_corpus_size: int = Field(default=6000, ge=100)
+    """Texts the BPE tokenizer is trained on."""
+
+
+class PsoupsConfig(StrictModel):
+    """A whole P-Soups experiment."""
+
+    name: str = Field(default="tiny", min_length=1)
+    """Name of the experiment (used in run names)."""
+    seed: int = 0
+    """Global seed for training and sampling."""
+    preferences: PreferenceSpaceSpec = Field(default_factory=PreferenceSpaceSpec)
+    """Preference dimensions, poles and the combinations to evaluate."""
+    world: WorldConfig = Field(default_factory=WorldConfig)
+    """Tiny world settings."""
+    base: BaseConfig = Field(default_factory=BaseConfig)
+    """Base model stage."""
+    ray: RayConfig = Field(default_factory=RayConfig)
+    """Ray cluster connection."""
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> PsoupsConfig:
+        if self.base.is_tiny:
+            from psoups_ray.world import WORLD_POLES
+
+            supported = {pole for poles in WORLD_POLES.values() for pole in poles}
+            unsupported = [p for p in self.space.pole_ids if p not in supported]
+            if unsupported:
+                raise ValueError(
+                    f"base.model 'tiny' only knows the poles {sorted(supported)}; the "
+                    f"preference space declares {unsupported}. Use a real model for other poles."
+                )
+            if self.base.num_sample_prompts > self.world.num_eval_prompts:
+                raise ValueError(
+                    f"base.num_sample_prompts ({self.base.num_sample_prompts}) exceeds "
+                    f"world.num_eval_prompts ({self.world.num_eval_prompts})"
+                )
+            if self.base.sft.max_length > self.base.tiny.max_position_embeddings:
+                raise ValueError(
+                    f"base.sft.max_length ({self.base.sft.max_length}) exceeds "
+                    f"base.tiny.max_position_embeddings ({self.base.tiny.max_position_embeddings})"
+                )
+        return self
+
+    @property
+    def space(self) -> PreferenceSpace:
+        return PreferenceSpace.from_spec(self.preferences)
+
+    def section_fingerprint(self, *sections: str) -> str:
+        """Stable hash of some top-level sections: tells whether a stage's inputs changed."""
+        dumped = self.model_dump(mode="json")
+        payload = json.dumps({s: dumped[s] for s in sections}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------
+# Loading
+
+
+def builtin_config_names() -> list[str]:
+    files = resources.files(BUILTIN_CONFIGS_PACKAGE)
+    return sorted(p.name[: -len(".yaml")] for p in files.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(source: str | Path | None) -> tuple[dict[str, Any], str]:
+    """The raw mapping of a built-in config name or a YAML path, and a label for messages."""
+    name = TINY_MODEL if source is None else str(source)
+    if name in builtin_config_names():
+        text = resources.files(BUILTIN_CONFIGS_PACKAGE).joinpath(f"{name}.yaml").read_text()
+        label = f"built-in config {name!r}"
+    else:
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(
+                [
+                    f"config {name!r} is neither a file nor a built-in config; "
+                    f"built-in configs: {', '.join(builtin_config_names())}"
+                ]
+            )
+        text = path.read_text()
+        label = str(path)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{label} is not valid YAML: {exc}"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [f"{label} must hold a mapping of sections, got {type(data).__name__}"]
+        )
+    return data, label
+
+
+def apply_override(data: dict[str, Any], override: str) -> str | None:
+    """Apply one ``dotted.key=value`` override in place (the value is parsed as YAML).
+
+    Returns a problem description instead of applying a malformed override.
+    """
+    key, sep, raw_value = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        return f"override {override!r} must look like section.key=value, e.g. base.sft.steps=100"
+    parts = key.split(".")
+    if any(not part for part in parts):
+        return f"override key {key!r} has an empty part"
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else None
+    except yaml.YAMLError as exc:
+        return f"override {key}: value {raw_value!r} is not valid YAML ({exc.__class__.__name__})"
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            prefix = ".".join(parts[: depth + 1])
+            return f"override {key}: {prefix} is a value ({child!r}), not a section with keys"
+        node = child
+    node[parts[-1]] = value
+    return None
+
+
+def _allowed_keys(loc: Sequence[str | int]) -> list[str] | None:
+    """Field names of the model at ``loc`` (the parent of an unknown key)."""
+    model: Any = PsoupsConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return None
+        annotation = fields[part].annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        model = next(
+            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
+        )
+        if model is None:
+            return None
+    return list(model.model_fields) if model is not None else None
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join(loc) or "<root>"
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(error["loc"][:-1]) or []
+        hint = difflib.get_close_matches(loc[-1], allowed, n=1)
+        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+        return f"{key}: unknown key{suggestion}; allowed here: {', '.join(allowed)}"
+    given = error.get("input")
+    given_text = repr(given)
+    if len(given_text) > 80:
+        given_text = given_text[:77] + "..."
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "missing":
+        return f"{key}: required but not given"
+    if error["type"] == "value_error" and isinstance(given, dict):
+        return f"{key}: {message}"  # a check across fields: the message names them
+    return f"{key}: {message} (given {given_text})"
+
+
+def load_config(
+    source: str | Path | None = None, overrides: Sequence[str] = ()
+) -> PsoupsConfig:
+    """Load a built-in config by name (default ``tiny``) or a YAML file, apply overrides,
+    validate. Raises :class:`ConfigError` listing every problem."""
+    data, label = _read_yaml(source)
+    problems = [p for p in (apply_override(data, o) for o in overrides) if p is not None]
+    try:
+        config = PsoupsConfig.model_validate(data)
+    except ValidationError as exc:
+        problems.extend(_describe(e) for e in exc.errors(include_url=False))
+    if problems:
+        raise ConfigError(problems, source=label)
+    return config
+
+
+def explain(model: type[BaseModel] = PsoupsConfig, prefix: str = "") -> Iterator[str]:
+    """Lines ``key (type, default): doc`` for every field, recursing into sections."""
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield f"{key}: {(field.description or '').strip()}"
+            yield from explain(annotation, prefix=f"{key}.")
+            continue
+        default = field.get_default(call_default_factory=True)
+        if get_origin(annotation) is Literal:
+            type_name = "one of " + "|".join(map(str, get_args(annotation)))
+        else:
+            type_name = getattr(annotation, "__name__", None) or str(annotation)
+        default_text = json.dumps(
+            default, default=lambda o: o.model_dump() if isinstance(o, BaseModel) else str(o)
+        )
+        if len(default_text) > 60:
+            default_text = default_text[:57] + "..."
+        doc = " ".join((field.description or "").split())
+        yield f"{key} ({type_name.replace('typing.', '')}, default {default_text}): {doc}"

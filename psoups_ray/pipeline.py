@@ -1,0 +1,178 @@
+"""The pipeline: stages in order, each skipped when the manifest says it is done.
+
+A stage is complete when the manifest records it with the fingerprint of the
+config sections it reads. Re-running a complete stage needs ``--force``;
+re-running a stage with changed inputs without ``--force`` is refused (the
+message lists what changed), and redoing a stage forgets the completion of
+every later stage, which read its artifacts.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from psoups_ray.config import PsoupsConfig
+from psoups_ray.errors import PsoupsError
+from psoups_ray.manifest import Manifest, diff_keys
+from psoups_ray.progress import log
+from psoups_ray.rundir import RunDir
+
+
+def _run_base(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
+    from psoups_ray.base.stage import run_base_stage
+
+    return run_base_stage(config, rundir)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    summary: str
+    needs: tuple[str, ...]  # stages whose artifacts this one reads
+    inputs: tuple[str, ...]  # top-level config keys it reads (its fingerprint)
+    run: Callable[[PsoupsConfig, RunDir], dict[str, Any]] | None  # None: not implemented yet
+    uses_ray: bool = True
+    tracked_in: str = ""  # where the missing implementation is tracked
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("base", "tokenizer + SFT'd base model (tiny) or a validated model reference",
+          (), ("seed", "world", "base", "preferences"), _run_base),
+    Stage("feedback", "pairwise preference data per pole", ("base",), ("seed", "world"),
+          None, tracked_in="issue #3"),
+    Stage("rewards", "one Bradley-Terry reward model per pole, in parallel", ("feedback",),
+          ("seed",), None, tracked_in="issue #3"),
+    Stage("policies", "one PPO LoRA policy per pole, in parallel, plus baselines",
+          ("rewards",), ("seed",), None, tracked_in="issue #4"),
+    Stage("tune", "Ray Tune search of merge weights per combination", ("policies",),
+          ("seed",), None, tracked_in="issue #5"),
+    Stage("evaluate", "win rates of P-Soups against the baselines", ("tune",), ("seed",),
+          None, tracked_in="issue #7"),
+    Stage("report", "report.md and plots", ("evaluate",), (), None, uses_ray=False,
+          tracked_in="issue #7"),
+)
+STAGE_NAMES = tuple(stage.name for stage in STAGES)
+_BY_NAME = {stage.name: stage for stage in STAGES}
+
+
+def parse_stages(text: str | None) -> list[str] | None:
+    """``"base,feedback"`` -> names in pipeline order; None/empty -> None (all stages)."""
+    if text is None or not text.strip():
+        return None
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in _BY_NAME]
+    if unknown:
+        raise PsoupsError(
+            f"unknown stage(s) {', '.join(unknown)}; stages are: {', '.join(STAGE_NAMES)}"
+        )
+    return [name for name in STAGE_NAMES if name in names]
+
+
+def _prerequisites(name: str) -> list[str]:
+    ordered: list[str] = []
+    for need in _BY_NAME[name].needs:
+        for prerequisite in [*_prerequisites(need), need]:
+            if prerequisite not in ordered:
+                ordered.append(prerequisite)
+    return ordered
+
+
+def _inputs(config: PsoupsConfig, stage: Stage) -> dict[str, Any]:
+    dumped = config.model_dump(mode="json")
+    return {key: dumped[key] for key in stage.inputs}
+
+
+def run_pipeline(
+    config: PsoupsConfig,
+    out: str,
+    stages: Sequence[str] | None = None,
+    force: bool = False,
+    run_prerequisites: bool = True,
+) -> Manifest:
+    """Run ``stages`` (default: all) in pipeline order and return the final manifest.
+
+    Missing prerequisites are run first when ``run_prerequisites``, else refused.
+    ``force`` redoes the requested stages even when complete (not their prerequisites).
+    """
+    rundir = RunDir(out)
+    manifest = Manifest.open(
+        rundir, config.model_dump(mode="json"), config.space.to_dict()
+    )
+    requested = list(stages) if stages else list(STAGE_NAMES)
+    implicit_all = not stages
+    plan: list[str] = []
+    for name in requested:
+        for prerequisite in _prerequisites(name):
+            if prerequisite not in plan and not manifest.is_complete(prerequisite):
+                if not run_prerequisites:
+                    raise PsoupsError(
+                        f"stage {name!r} needs stage {prerequisite!r}, which is not complete in "
+                        f"{rundir.location}; run `psoups run --stages {name} --out "
+                        f"{rundir.location}` to run missing stages first"
+                    )
+                plan.append(prerequisite)
+        if name not in plan:
+            plan.append(name)
+    plan = [name for name in STAGE_NAMES if name in plan]
+
+    log(f"run directory: {rundir.location}")
+    log(f"stages: {' -> '.join(plan)}")
+    for index, name in enumerate(plan, start=1):
+        stage = _BY_NAME[name]
+        prefix = f"[{index}/{len(plan)}] {name}"
+        inputs = _inputs(config, stage)
+        fingerprint = config.section_fingerprint(*stage.inputs)
+        record = manifest.stage(name)
+        forced = force and name in requested
+        if manifest.is_complete(name) and not forced:
+            if record.get("fingerprint") != fingerprint:
+                changes = diff_keys(record.get("inputs", {}), inputs)
+                raise PsoupsError(
+                    f"stage {name!r} is complete in {rundir.location} but its configuration "
+                    f"changed:\n  " + "\n  ".join(changes or ["(inputs differ)"]) + "\nPass "
+                    "--force to redo it (later stages are then redone too), or use a new --out"
+                )
+            log(f"{prefix}: complete, skipped (--force redoes it)")
+            continue
+        if stage.run is None:
+            message = (
+                f"stage {name!r} ({stage.summary}) is not implemented yet ({stage.tracked_in})"
+            )
+            if implicit_all:
+                later = ", ".join(STAGE_NAMES[STAGE_NAMES.index(name) :])
+                log(f"{prefix}: not implemented yet; stopping before {later} ({stage.tracked_in})")
+                break
+            raise PsoupsError(message)
+
+        if record and record.get("fingerprint") != fingerprint or forced:
+            _discard_train_state(rundir, name)
+        dropped = manifest.invalidate(list(STAGE_NAMES[STAGE_NAMES.index(name) + 1 :]))
+        if dropped:
+            log(f"{prefix}: later stages {', '.join(dropped)} will need to run again")
+        if stage.uses_ray:
+            from psoups_ray.ray_utils import ensure_ray
+
+            ensure_ray(config.ray)
+        log(f"{prefix}: {stage.summary}")
+        manifest.start_stage(name, fingerprint, inputs)
+        started = time.monotonic()
+        try:
+            section = stage.run(config, rundir)
+        except BaseException as exc:
+            manifest.fail_stage(name, "".join(traceback.format_exception_only(exc)).strip())
+            raise
+        seconds = time.monotonic() - started
+        manifest.complete_stage(name, section, seconds)
+        log(f"{prefix}: done in {seconds:.0f}s")
+    return manifest
+
+
+def _discard_train_state(rundir: RunDir, name: str) -> None:
+    """Drop a stage's Ray Train checkpoints so a redo does not resume stale state."""
+    relpath = f"ray/{name}"
+    if rundir.exists(relpath):
+        rundir.delete(relpath)

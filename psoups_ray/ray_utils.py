@@ -1,0 +1,87 @@
+"""The Ray edge: connecting to a cluster and launching Ray Train runs.
+
+Stage logic stays callable without Ray; these helpers wrap it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from psoups_ray.config import RayConfig, ScalingSpec
+from psoups_ray.errors import PsoupsError
+from psoups_ray.progress import log
+from psoups_ray.rundir import RunDir
+
+
+def ensure_ray(config: RayConfig) -> None:
+    """Connect to ``config.address`` / ``RAY_ADDRESS``, or start a local cluster (127.0.0.1)."""
+    import ray
+
+    # Ray Train's print() patch drops print's ``file=`` argument, so libraries that print
+    # into buffers (datasets' fingerprinting runs dis.dis) flood the logs. Workers inherit it.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    if ray.is_initialized():
+        return
+    address = config.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log(f"connecting to Ray cluster at {address}")
+        ray.init(address=address, log_to_driver=True)
+        return
+    log("starting a local Ray cluster")
+    ray.init(
+        num_cpus=config.num_cpus,
+        num_gpus=config.num_gpus,
+        include_dashboard=config.include_dashboard,
+        dashboard_host=config.dashboard_host,
+        log_to_driver=True,
+    )
+
+
+def scaling_config(spec: ScalingSpec):
+    from ray.train import ScalingConfig
+
+    resources: dict[str, float] = {"CPU": spec.cpus_per_worker}
+    if spec.use_gpu:
+        resources["GPU"] = spec.gpus_per_worker
+    return ScalingConfig(
+        num_workers=spec.num_workers, use_gpu=spec.use_gpu, resources_per_worker=resources
+    )
+
+
+def fit_torch_run(
+    train_loop: Callable[[dict[str, Any]], None],
+    loop_config: dict[str, Any],
+    resources: ScalingSpec,
+    rundir: RunDir,
+    stage: str,
+    name: str,
+):
+    """Run one Ray Train ``TorchTrainer`` whose checkpoints live in ``<run>/ray/<stage>/<name>``.
+
+    A run restarted with the same run directory and name resumes from its last
+    checkpoint (Ray Train restores it; the loop picks it up with
+    ``ray.train.get_checkpoint()``).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=scaling_config(resources),
+        run_config=RunConfig(
+            name=name,
+            storage_path=rundir.uri(f"ray/{stage}"),
+            failure_config=FailureConfig(max_failures=resources.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray wraps worker errors; surface the cause in one line
+        raise PsoupsError(f"Ray Train run {name!r} failed: {exc}") from exc
+    if result.error is not None:
+        raise PsoupsError(f"Ray Train run {name!r} failed: {result.error}")
+    return result

@@ -1,0 +1,226 @@
+"""The run directory: one experiment's artifacts on a local path or a ``pyarrow.fs`` URI.
+
+Every stage reads and writes through :class:`RunDir`, so the same code runs
+on a laptop (``./runs/x``), a shared file system (``file:///mnt/runs/x``) or an
+object store (``s3://bucket/runs/x``, ``gs://...``) — the same storage Ray
+Train checkpoints to. Nothing here depends on a node's local disk except the
+download cache used to hand artifacts to libraries that need local files.
+
+Writes are atomic: a file is written to a temporary name and renamed (local
+and mounted file systems), or uploaded as one object (object stores, where a
+``PUT`` is all-or-nothing). A directory artifact is uploaded next to its
+final name and moved into place; the manifest, updated last, is the commit
+point: an artifact counts only once the manifest names it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from psoups_ray.errors import StorageError
+
+CACHE_ENV = "PSOUPS_CACHE_DIR"
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "psoups_ray"))
+
+
+class RunDir:
+    """A run directory addressed by a local path or a URI understood by ``pyarrow.fs``."""
+
+    def __init__(self, location: str | os.PathLike[str]):
+        location = os.fspath(location)
+        if not location:
+            raise StorageError("the run directory location is empty; pass --out PATH_OR_URI")
+        if "://" not in location:
+            location = os.path.abspath(os.path.expanduser(location))
+        try:
+            self.fs, root = pafs.FileSystem.from_uri(location)
+        except (pa.ArrowInvalid, OSError, ValueError) as exc:
+            raise StorageError(
+                f"cannot open run directory {location!r}: {exc}. Use a local path or a URI "
+                "such as file:///abs/path, s3://bucket/prefix or gs://bucket/prefix"
+            ) from None
+        self.root = root.rstrip("/") or "/"
+        self.location = location
+        self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    def __repr__(self) -> str:
+        return f"RunDir({self.location!r})"
+
+    # -- addressing -----------------------------------------------------------------
+    def path(self, relpath: str = "") -> str:
+        """File-system path (inside ``self.fs``) of ``relpath``."""
+        relpath = relpath.strip("/")
+        return f"{self.root}/{relpath}" if relpath else self.root
+
+    def uri(self, relpath: str = "") -> str:
+        """Where ``relpath`` lives, as a plain path for local storage, else a URI.
+
+        Recorded in the manifest: a local model directory loads directly with
+        ``from_pretrained``; remote ones go through :meth:`local_dir`.
+        """
+        if self.is_local:
+            return self.path(relpath)
+        scheme = self.location.split("://", 1)[0]
+        return f"{scheme}://{self.path(relpath).lstrip('/')}"
+
+    def relpath_of(self, uri_or_path: str) -> str | None:
+        """The run-relative path of a location this run directory produced, else None."""
+        root_uri = self.uri()
+        if uri_or_path == root_uri:
+            return ""
+        prefix = root_uri.rstrip("/") + "/"
+        return uri_or_path[len(prefix) :] if uri_or_path.startswith(prefix) else None
+
+    # -- queries --------------------------------------------------------------------
+    def exists(self, relpath: str) -> bool:
+        info = self._info(relpath)
+        return info.type != pafs.FileType.NotFound
+
+    def is_dir(self, relpath: str) -> bool:
+        return self._info(relpath).type == pafs.FileType.Directory
+
+    def _info(self, relpath: str) -> pafs.FileInfo:
+        try:
+            return self.fs.get_file_info(self.path(relpath))
+        except OSError as exc:
+            raise StorageError(f"cannot stat {self.uri(relpath)}: {exc}") from None
+
+    # -- files ----------------------------------------------------------------------
+    def read_bytes(self, relpath: str) -> bytes:
+        try:
+            with self.fs.open_input_stream(self.path(relpath)) as stream:
+                return stream.read()
+        except FileNotFoundError:
+            raise StorageError(f"missing file {self.uri(relpath)}") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.uri(relpath)}: {exc}") from None
+
+    def read_text(self, relpath: str) -> str:
+        return self.read_bytes(relpath).decode("utf-8")
+
+    def read_json(self, relpath: str) -> Any:
+        text = self.read_text(relpath)
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise StorageError(f"{self.uri(relpath)} is not valid JSON: {exc}") from None
+
+    def write_bytes(self, relpath: str, data: bytes) -> None:
+        """Write a file atomically: readers see the old content or the new, never a part."""
+        target = self.path(relpath)
+        parent = target.rsplit("/", 1)[0]
+        try:
+            self.fs.create_dir(parent, recursive=True)
+            if self.is_local:
+                fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-", suffix=".part")
+                try:
+                    with os.fdopen(fd, "wb") as handle:
+                        handle.write(data)
+                        handle.flush()
+                        os.fsync(handle.fileno())
+                    os.replace(tmp, target)
+                finally:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+            else:  # object stores publish an object only once its upload completes
+                with self.fs.open_output_stream(target) as stream:
+                    stream.write(data)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot write {self.uri(relpath)}: {exc}. Check that the run directory is "
+                "writable and has free space; nothing already written was changed"
+            ) from None
+
+    def write_text(self, relpath: str, text: str) -> None:
+        self.write_bytes(relpath, text.encode("utf-8"))
+
+    def write_json(self, relpath: str, obj: Any) -> None:
+        self.write_text(relpath, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+    # -- directories ----------------------------------------------------------------
+    def upload_dir(self, local_dir: str | os.PathLike[str], relpath: str) -> str:
+        """Copy a local directory to ``relpath``, replacing what was there; returns its uri.
+
+        The copy lands under a temporary sibling first and is then moved into place.
+        """
+        target = self.path(relpath)
+        staging = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            self.fs.create_dir(staging, recursive=True)
+            pafs.copy_files(
+                os.fspath(local_dir),
+                staging,
+                source_filesystem=pafs.LocalFileSystem(),
+                destination_filesystem=self.fs,
+            )
+            if self.fs.get_file_info(target).type != pafs.FileType.NotFound:
+                self.fs.delete_dir(target)
+            self.fs.move(staging, target)
+        except OSError as exc:
+            try:
+                self.fs.delete_dir(staging)
+            except OSError:
+                pass
+            raise StorageError(
+                f"cannot write directory {self.uri(relpath)}: {exc}. Check that the run "
+                "directory is writable and has free space"
+            ) from None
+        return self.uri(relpath)
+
+    def delete(self, relpath: str) -> None:
+        info = self._info(relpath)
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(self.path(relpath))
+        elif info.type == pafs.FileType.File:
+            self.fs.delete_file(self.path(relpath))
+
+    def local_dir(self, relpath: str) -> Path:
+        """A local directory holding ``relpath``: the directory itself on local storage,
+        else a cached download (keyed by location)."""
+        if not self.is_dir(relpath):
+            raise StorageError(
+                f"missing artifact directory {self.uri(relpath)}; re-run the stage that "
+                "produces it (with --force if the manifest says it is complete)"
+            )
+        if self.is_local:
+            return Path(self.path(relpath))
+        key = hashlib.sha256(self.uri(relpath).encode()).hexdigest()[:16]
+        cached = _cache_root() / key
+        if not cached.exists():
+            _cache_root().mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=_cache_root(), prefix=".download-"))
+            pafs.copy_files(
+                self.path(relpath),
+                str(staging),
+                source_filesystem=self.fs,
+                destination_filesystem=pafs.LocalFileSystem(),
+            )
+            try:
+                staging.rename(cached)
+            except OSError:  # another process won the race
+                shutil.rmtree(staging, ignore_errors=True)
+        return cached
+
+
+def resolve_artifact(location: str) -> Path:
+    """A local directory for an artifact location recorded in a manifest (path or URI)."""
+    if "://" not in location:
+        path = Path(location)
+        if not path.exists():
+            raise StorageError(f"artifact {location} does not exist")
+        return path
+    parent, _, name = location.rstrip("/").rpartition("/")
+    return RunDir(parent).local_dir(name)
