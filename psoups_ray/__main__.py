@@ -29,6 +29,11 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
         help="override one config key, e.g. --set base.sft.steps=100 (repeatable; "
         "`psoups config --explain` lists every key)",
     )
+    parser.add_argument(
+        "--smoke-test",
+        action="store_true",
+        help="a few steps of everything, to check an installation or cluster quickly",
+    )
 
 
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +50,7 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from psoups_ray.pipeline import STAGES, STAGE_NAMES
+    from psoups_ray.pipeline import STAGE_NAMES, STAGES
 
     parser = argparse.ArgumentParser(
         prog="psoups",
@@ -88,12 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _command(args: argparse.Namespace) -> int:
-    from psoups_ray.config import explain, load_config
+    from psoups_ray.config import SMOKE_TEST_OVERRIDES, explain, load_config
 
     if args.command == "config" and args.explain:
         print("\n".join(explain()))
         return 0
-    config = load_config(args.config, args.overrides)
+    overrides = [*(SMOKE_TEST_OVERRIDES if args.smoke_test else ()), *args.overrides]
+    config = load_config(args.config, overrides)
     if args.command == "config":
         print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
         return 0

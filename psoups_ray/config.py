@@ -67,7 +67,7 @@ class ScalingSpec(StrictModel):
 class TinyModelSpec(StrictModel):
     """Shape of the built-in tiny Llama-style model (used when ``base.model`` is ``tiny``)."""
 
-    vocab_size: int = Field(default=600, ge=64, le=65536)
+    vocab_size: int = Field(default=1000, ge=64, le=65536)
     """Size of the BPE vocabulary trained on the tiny world's text."""
     hidden_size: int = Field(default=128, ge=8)
     """Model width."""
@@ -77,14 +77,15 @@ class TinyModelSpec(StrictModel):
     """Attention heads (must divide ``hidden_size``)."""
     intermediate_size: int = Field(default=344, ge=8)
     """MLP width."""
-    max_position_embeddings: int = Field(default=256, ge=16)
+    max_position_embeddings: int = Field(default=320, ge=16)
     """Longest sequence the model handles (prompt + response, in tokens)."""
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> TinyModelSpec:
         if self.hidden_size % self.num_heads:
             raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+                f"hidden_size ({self.hidden_size}) must be divisible by "
+                f"num_heads ({self.num_heads})"
             )
         return self
 
@@ -116,7 +117,7 @@ class SFTSpec(StrictModel):
     """Fraction of steps spent warming the learning rate up."""
     weight_decay: float = Field(default=0.0, ge=0)
     """AdamW weight decay."""
-    max_length: int = Field(default=192, ge=8)
+    max_length: int = Field(default=256, ge=8)
     """Longest tokenised example (prompt + completion); longer ones are truncated."""
     checkpoint_every: int = Field(default=100, ge=1)
     """Save a checkpoint to the run's storage every N steps (resume point after a failure)."""
@@ -129,7 +130,7 @@ class SFTSpec(StrictModel):
 class GenerationSpec(StrictModel):
     """Sampling settings."""
 
-    max_new_tokens: int = Field(default=128, ge=1)
+    max_new_tokens: int = Field(default=192, ge=1)
     """Longest response, in tokens."""
     temperature: float = Field(default=1.0, gt=0)
     """Sampling temperature."""
@@ -232,6 +233,17 @@ class PsoupsConfig(StrictModel):
 # ---------------------------------------------------------------------------
 # Loading
 
+SMOKE_TEST_OVERRIDES: tuple[str, ...] = (
+    "world.tokenizer_corpus_size=1500",
+    "base.sft.num_examples=300",
+    "base.sft.steps=20",
+    "base.sft.checkpoint_every=10",
+    "base.sft.logging_steps=10",
+    "base.num_sample_prompts=8",
+    "base.sample.max_new_tokens=64",
+)
+"""``--smoke-test``: every stage runs a few steps (applied before the user's ``--set``)."""
+
 
 def builtin_config_names() -> list[str]:
     files = resources.files(BUILTIN_CONFIGS_PACKAGE)
@@ -262,9 +274,7 @@ def _read_yaml(source: str | Path | None) -> tuple[dict[str, Any], str]:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(
-            [f"{label} must hold a mapping of sections, got {type(data).__name__}"]
-        )
+        raise ConfigError([f"{label} must hold a mapping of sections, got {type(data).__name__}"])
     return data, label
 
 
@@ -336,9 +346,7 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{key}: {message} (given {given_text})"
 
 
-def load_config(
-    source: str | Path | None = None, overrides: Sequence[str] = ()
-) -> PsoupsConfig:
+def load_config(source: str | Path | None = None, overrides: Sequence[str] = ()) -> PsoupsConfig:
     """Load a built-in config by name (default ``tiny``) or a YAML file, apply overrides,
     validate. Raises :class:`ConfigError` listing every problem."""
     data, label = _read_yaml(source)

@@ -52,7 +52,8 @@ def generate(
             )  # (batch, prompt_len + new_tokens)
             new_tokens = output[:, encoded["input_ids"].shape[1] :]
             responses.extend(
-                text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+                text.strip()
+                for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             )
             if on_batch is not None:
                 on_batch(len(responses), len(prompts))

@@ -40,20 +40,62 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("base", "tokenizer + SFT'd base model (tiny) or a validated model reference",
-          (), ("seed", "world", "base", "preferences"), _run_base),
-    Stage("feedback", "pairwise preference data per pole", ("base",), ("seed", "world"),
-          None, tracked_in="issue #3"),
-    Stage("rewards", "one Bradley-Terry reward model per pole, in parallel", ("feedback",),
-          ("seed",), None, tracked_in="issue #3"),
-    Stage("policies", "one PPO LoRA policy per pole, in parallel, plus baselines",
-          ("rewards",), ("seed",), None, tracked_in="issue #4"),
-    Stage("tune", "Ray Tune search of merge weights per combination", ("policies",),
-          ("seed",), None, tracked_in="issue #5"),
-    Stage("evaluate", "win rates of P-Soups against the baselines", ("tune",), ("seed",),
-          None, tracked_in="issue #7"),
-    Stage("report", "report.md and plots", ("evaluate",), (), None, uses_ray=False,
-          tracked_in="issue #7"),
+    Stage(
+        "base",
+        "tokenizer + SFT'd base model (tiny) or a validated model reference",
+        (),
+        ("seed", "world", "base", "preferences"),
+        _run_base,
+    ),
+    Stage(
+        "feedback",
+        "pairwise preference data per pole",
+        ("base",),
+        ("seed", "world"),
+        None,
+        tracked_in="issue #3",
+    ),
+    Stage(
+        "rewards",
+        "one Bradley-Terry reward model per pole, in parallel",
+        ("feedback",),
+        ("seed",),
+        None,
+        tracked_in="issue #3",
+    ),
+    Stage(
+        "policies",
+        "one PPO LoRA policy per pole, in parallel, plus baselines",
+        ("rewards",),
+        ("seed",),
+        None,
+        tracked_in="issue #4",
+    ),
+    Stage(
+        "tune",
+        "Ray Tune search of merge weights per combination",
+        ("policies",),
+        ("seed",),
+        None,
+        tracked_in="issue #5",
+    ),
+    Stage(
+        "evaluate",
+        "win rates of P-Soups against the baselines",
+        ("tune",),
+        ("seed",),
+        None,
+        tracked_in="issue #7",
+    ),
+    Stage(
+        "report",
+        "report.md and plots",
+        ("evaluate",),
+        (),
+        None,
+        uses_ray=False,
+        tracked_in="issue #7",
+    ),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 _BY_NAME = {stage.name: stage for stage in STAGES}
@@ -99,9 +141,7 @@ def run_pipeline(
     ``force`` redoes the requested stages even when complete (not their prerequisites).
     """
     rundir = RunDir(out)
-    manifest = Manifest.open(
-        rundir, config.model_dump(mode="json"), config.space.to_dict()
-    )
+    manifest = Manifest.open(rundir, config.model_dump(mode="json"), config.space.to_dict())
     requested = list(stages) if stages else list(STAGE_NAMES)
     implicit_all = not stages
     plan: list[str] = []

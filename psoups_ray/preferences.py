@@ -179,16 +179,14 @@ class PreferenceSpace:
         return Combination(tuple(p.id for p in ordered))
 
     def parse(self, text: str) -> Combination:
-        """Parse ``"P2B+P1A"`` (any order, any case, spaces allowed) into a canonical combination."""
+        """Parse ``"P2B+P1A"`` (any order or case, spaces allowed) into a canonical combination."""
         if not isinstance(text, str) or not text.strip():
             raise CombinationError(
                 f"empty combination {text!r}; write poles joined by '+', e.g. 'P1A+P2B+P3A'"
             )
         parts = [part.strip() for part in text.split("+")]
         if any(not part for part in parts):
-            raise CombinationError(
-                f"malformed combination {text!r}: empty pole between '+' signs"
-            )
+            raise CombinationError(f"malformed combination {text!r}: empty pole between '+' signs")
         return self.combination(parts)
 
     def full_combinations(self) -> list[Combination]:

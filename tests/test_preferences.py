@@ -98,12 +98,18 @@ def test_duplicate_pole_ids_rejected():
                 DimensionSpec(
                     id="D1",
                     name="a",
-                    poles=[PoleSpec(id="X", name="x", prompt="x"), PoleSpec(id="Y", name="y", prompt="y")],
+                    poles=[
+                        PoleSpec(id="X", name="x", prompt="x"),
+                        PoleSpec(id="Y", name="y", prompt="y"),
+                    ],
                 ),
                 DimensionSpec(
                     id="D2",
                     name="b",
-                    poles=[PoleSpec(id="X", name="x", prompt="x"), PoleSpec(id="Z", name="z", prompt="z")],
+                    poles=[
+                        PoleSpec(id="X", name="x", prompt="x"),
+                        PoleSpec(id="Z", name="z", prompt="z"),
+                    ],
                 ),
             ]
         )

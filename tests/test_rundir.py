@@ -52,7 +52,9 @@ def test_unwritable_run_dir_is_a_clear_error(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     rundir = RunDir(blocker / "run")  # its parent is a file: nothing can be created
-    with pytest.raises(StorageError, match="cannot write .*Check that the run directory is writable"):
+    with pytest.raises(
+        StorageError, match="cannot write .*Check that the run directory is writable"
+    ):
         rundir.write_text("manifest.json", "{}")
     with pytest.raises(StorageError, match="cannot write directory"):
         rundir.upload_dir(tmp_path, "model")

@@ -79,7 +79,7 @@ def test_p2_poles_differ_in_length(world: TinyWorld) -> None:
     for example in world.sft_examples(400, seed=6):
         words[example.poles["P2"]].append(len(example.response.split()))
     assert max(words["P2A"]) < min(words["P2B"])
-    assert 15 <= min(words["P2A"]) and max(words["P2B"]) <= 100
+    assert 15 <= min(words["P2A"]) and max(words["P2B"]) <= 110
 
 
 def test_sft_examples_balance_every_pole(world: TinyWorld) -> None:
@@ -166,6 +166,8 @@ def test_hand_written_mixed_and_empty_texts_show_neither_pole() -> None:
     assert check_attributes("") == {"P1": None, "P2": None, "P3": None}
     assert exhibited_poles("") == set()
     assert satisfies("", []) and not satisfies("", ["P1A"])
+    with pytest.raises(ValueError, match="P1Z"):
+        satisfies("Hope this helps!", ["P1Z"])
     mixed_style = "Great question! Rain is water falling from clouds. Figure it out yourself."
     assert check_attributes(mixed_style)["P3"] is None
     neutral = "Rain is water that falls from clouds when the drops grow heavy."

@@ -161,10 +161,16 @@ def _sample(model, tokenizer, job: SFTJob) -> list[str]:
     started = time.monotonic()
 
     def progress(done: int, total: int) -> None:
-        log(f"[{job.label}] sampled {done}/{total} held-out prompts ({time.monotonic() - started:.0f}s)")
+        elapsed = time.monotonic() - started
+        log(f"[{job.label}] sampled {done}/{total} held-out prompts ({elapsed:.0f}s)")
 
     return generate(
-        model, tokenizer, list(job.sample_prompts), job.base.sample, seed=job.seed, on_batch=progress
+        model,
+        tokenizer,
+        list(job.sample_prompts),
+        job.base.sample,
+        seed=job.seed,
+        on_batch=progress,
     )
 
 

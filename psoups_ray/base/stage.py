@@ -90,7 +90,9 @@ def _tiny_base(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
     sft_metrics = _fit_sft(config, rundir, job)
     samples = sft_metrics.pop("samples")
     _write_jsonl(
-        rundir, SAMPLES, [{"prompt": p, "response": r} for p, r in zip(eval_prompts, samples)]
+        rundir,
+        SAMPLES,
+        [{"prompt": p, "response": r} for p, r in zip(eval_prompts, samples, strict=True)],
     )
     metrics = {
         "sft": sft_metrics,
@@ -119,7 +121,7 @@ def attribute_metrics(
     rates = {pole: sum(pole in found for found in exhibited) / count for pole in space.pole_ids}
     on_topic = sum(
         world.topic_of(prompt).subject.lower() in response.lower()
-        for prompt, response in zip(prompts, responses)
+        for prompt, response in zip(prompts, responses, strict=True)
     )
     return {
         "attribute_rates": rates,

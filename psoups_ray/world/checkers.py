@@ -17,7 +17,11 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from psoups_ray.world.generator import WORLD_POLES
+
 __all__ = ["check_attributes", "exhibited_poles", "satisfies"]
+
+_KNOWN_POLES = frozenset(pole for poles in WORLD_POLES.values() for pole in poles)
 
 MIN_CONTENT_WORDS = 4
 """A sentence with fewer words once style markers are cut out is not content."""
@@ -33,7 +37,7 @@ _FRIENDLY = re.compile(
     r"|\bwho knew\b|\bhow cool is that\b|\bso cool\b|\bno worries\b|\benjoy\b|\bawesome\b"
     r"|\bha(?:ha)+\b|\blol\b"
     r"|\bthanks for asking\b|\bkeep asking\b|\byou've got this\b|\bhugs?\b|\bhi there\b"
-    r"|\bfun fact\b|\bno pun intended\b"
+    r"|\bfun fact\b|\bno pun intended\b|\bhave an? (?:nice|great|good|lovely) day\b"
     r"|:-?\)|:-?d\b|;-?\)|<3|[\U0001F600-\U0001F60D\U0001F642\U0001F917]"
 )
 _UNFRIENDLY = re.compile(
@@ -42,7 +46,7 @@ _UNFRIENDLY = re.compile(
     r"|\bdon't ask me\b|\bpay attention\b|\btry to keep up\b|\bnot that you care\b"
     r"|\bnot my problem\b|\bshouldn't have to\b|\bas anyone knows\b|\bduh\b|\bgo away\b"
     r"|\bleave me alone\b|\bhow hard can it be\b|\bstupid\b|\bdumb\b|\bidiot\w*\b|\bannoying\b"
-    r"|\bi don't care\b|\bclearly you\b|:-?\(|-_-|\U0001F644"
+    r"|\bi don't care\b|\bclearly you\b|\bbugging me\b|:-?\(|-_-|\U0001F644"
 )
 
 # --- P2: background cues ----------------------------------------------------------------------
@@ -65,7 +69,7 @@ _JARGON_SUFFIX = re.compile(
     r"(?:ization|isation|ological|ologies|ology|ometric|ometry|ographic|istic|istically"
     r"|ically|ivity|ational|aneous|escence|iferous|tropic|genesis|genetic|lytic|morphic"
     r"|dynamic|dynamics|ification|ability|ibility|ity|ential|ular|ive|ion|ions|al|ic|ics"
-    r"|ous|ously|ism|ysis|yses|otheses)$"
+    r"|ous|ously|ism|sis|yses|theses)$"
 )
 _JARGON_WORDS = frozenset(
     "stochastic heterogeneous homogeneous thermodynamic equilibrium equilibria nonlinear "
@@ -82,7 +86,10 @@ _JARGON_WORDS = frozenset(
     "neural microstructure macroscopic microscopic dimensionless regime observables "
     "methodological instrumentation characterization conceptualized manifestation "
     "consequently subsequently fundamentally predominantly mechanistically parsimoniously "
-    "parsimonious observable theoretical hypothesis hypotheses".split()
+    "parsimonious observable theoretical hypothesis hypotheses photosynthesis chlorophyll "
+    "electron molecule molecular protein enzyme nucleus neuron isotope catalyst mediated "
+    "synthesis transduction receptor ligand genotype phenotype allele wavelength "
+    "infrastructure architecture algorithm algorithmic semiconductor".split()
 )
 _COMMON_LONG_WORDS = frozenset(
     "important different something everything sometimes everyone beautiful interesting "
@@ -111,6 +118,7 @@ class _Analysis:
 
 
 def _analyse(text: str) -> _Analysis:
+    """Split ``text`` into sentences, count style markers and cut them out to find content."""
     friendly = unfriendly = analogies = 0
     content_sentences = 0
     content_words: list[str] = []
@@ -140,7 +148,7 @@ def _analyse(text: str) -> _Analysis:
 
 
 def _is_jargon(word: str) -> bool:
-    if word in _JARGON_WORDS:
+    if word in _JARGON_WORDS or word.removesuffix("s") in _JARGON_WORDS:
         return True
     return (
         len(word) >= LONG_WORD
@@ -163,7 +171,8 @@ def _expertise(analysis: _Analysis) -> str | None:
     Failure modes: a short plain text naming one long subject twice ("Thunderstorms ...
     thunderstorms") can exceed 12 % long words and read as neither; technical prose written
     in short Germanic words (e.g. much of computer science) is not recognised as P1B; a plain
-    text without an analogy and with slightly long words is neither.
+    text without an analogy and with slightly long words is neither; hyphenated compounds
+    ("proton-proton") count as their parts, so jargon built from short parts is diluted.
     """
     words = analysis.content_words
     if not words:
@@ -242,5 +251,12 @@ def exhibited_poles(text: str) -> set[str]:
 
 
 def satisfies(text: str, poles: Iterable[str]) -> bool:
-    """True iff ``text`` exhibits every pole in ``poles`` (True for no poles)."""
-    return set(poles) <= exhibited_poles(text)
+    """True iff ``text`` exhibits every pole in ``poles`` (True for no poles).
+
+    Raises ValueError for a pole id that is not one of :data:`WORLD_POLES`.
+    """
+    wanted = set(poles)
+    unknown = wanted - _KNOWN_POLES
+    if unknown:
+        raise ValueError(f"unknown pole ids {sorted(unknown)} (allowed: {sorted(_KNOWN_POLES)})")
+    return wanted <= exhibited_poles(text)

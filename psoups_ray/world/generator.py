@@ -5,7 +5,7 @@ A response is assembled from independent parts, one dimension each:
 - P1 (expertise) picks the register of every content sentence: short everyday words with an
   analogy (P1A) or dense latinate jargon (P1B).
 - P2 (informativeness) picks how many content sentences there are: one or two (P2A), or four
-  to six including two background sentences opened by a cue such as "For context," (P2B).
+  to five including two background sentences opened by a cue such as "For context," (P2B).
 - P3 (style) wraps the content in warm markers ("Great question!", "Hope this helps :)") for
   P3A or curt ones ("Obviously.", "Figure it out yourself.") for P3B.
 
@@ -178,9 +178,9 @@ def _content_sentences(
     if not informative:
         return [_render(template, topic, category) for template in core]
     background = [rng.choice(cued), rng.choice(more)]
-    # 4-6 sentences (4-5 in the wordier elementary register): the core, two background
-    # sentences and details up to the drawn length.
-    num_sentences = rng.randint(4, 5 if expertise == "P1A" else 6)
+    # 4-5 content sentences: the core, two background sentences and details up to the drawn
+    # length; jargon costs ~3 BPE tokens a word, so P1B stays at 4 to fit a tiny LM's context.
+    num_sentences = rng.randint(4, 5) if expertise == "P1A" else 4
     num_details = num_sentences - len(core) - len(background)
     extra = rng.sample(details, num_details)
     if rng.random() < 0.5:
