@@ -60,7 +60,7 @@ def test_tiny_base_on_two_workers_then_skip_refuse_and_force(ray_cluster, tmp_pa
 
     # A changed input is refused, naming the change; --force redoes the stage.
     changed = smoke_config("base.sft.steps=10")
-    with pytest.raises(PsoupsError, match=r"base\.sft\.steps: 20 -> 10.*--force"):
+    with pytest.raises(PsoupsError, match=r"(?s)base\.sft\.steps: 20 -> 10.*--force"):
         run_pipeline(changed, out, ["base"])
     forced = run_pipeline(changed, out, ["base"], force=True)
     assert forced.data["base"]["metrics"]["sft"]["steps"] == 10
