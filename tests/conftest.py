@@ -17,12 +17,11 @@ def ray_cluster():
     """A local Ray cluster with fixed resources, shared by the session's tests."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=2,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            log_to_driver=True,
-        )
-    yield ray
+    context = ray.init(
+        num_cpus=2,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        log_to_driver=True,
+    )
+    yield context  # .dashboard_url: the job server for `ray job submit`
     ray.shutdown()

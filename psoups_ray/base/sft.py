@@ -147,6 +147,8 @@ def run_sft(job: SFTJob, *, under_ray: bool = False) -> dict[str, Any]:
         }
         if rank == 0:
             tokenizer.save_pretrained(str(final_dir))
+            # The Trainer also pickles its arguments there; artifacts hold no pickles.
+            Path(final_dir, "training_args.bin").unlink(missing_ok=True)
             rundir.upload_dir(final_dir, job.output_relpath)
             if job.sample_prompts:
                 metrics["samples"] = _sample(trainer.model, tokenizer, job)

@@ -46,9 +46,19 @@ def run_base_stage(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
 
 
 def _tiny_base(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
+    job = prepare_tiny_sft(config, rundir)
+    return summarize_tiny_sft(config, rundir, _fit_sft(config, rundir, job))
+
+
+def _world(config: PsoupsConfig):
     from psoups_ray.world import TinyWorld
 
-    world = TinyWorld(seed=config.world.seed, num_eval_prompts=config.world.num_eval_prompts)
+    return TinyWorld(seed=config.world.seed, num_eval_prompts=config.world.num_eval_prompts)
+
+
+def prepare_tiny_sft(config: PsoupsConfig, rundir: RunDir) -> SFTJob:
+    """Train the tokenizer, write the SFT data; returns the SFT job (run it with Ray or not)."""
+    world = _world(config)
     space = config.space
     spec = config.base.tiny
     log(f"base: training a {spec.vocab_size}-token BPE tokenizer on the tiny world")
@@ -77,7 +87,7 @@ def _tiny_base(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
     _write_jsonl(rundir, SFT_DATA, rows)
 
     eval_prompts = world.eval_prompts[: config.base.num_sample_prompts]
-    job = SFTJob(
+    return SFTJob(
         run_location=rundir.location,
         base=config.base,
         seed=config.seed,
@@ -87,7 +97,15 @@ def _tiny_base(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
         metrics_relpath=METRICS,
         sample_prompts=tuple(format_prompt(tokenizer, p) for p in eval_prompts),
     )
-    sft_metrics = _fit_sft(config, rundir, job)
+
+
+def summarize_tiny_sft(
+    config: PsoupsConfig, rundir: RunDir, sft_metrics: dict[str, Any]
+) -> dict[str, Any]:
+    """Score the held-out samples with the attribute checkers; returns the ``base`` section."""
+    world = _world(config)
+    eval_prompts = world.eval_prompts[: config.base.num_sample_prompts]
+    sft_metrics = dict(sft_metrics)
     samples = sft_metrics.pop("samples")
     _write_jsonl(
         rundir,
@@ -96,7 +114,7 @@ def _tiny_base(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
     )
     metrics = {
         "sft": sft_metrics,
-        **attribute_metrics(world, space, eval_prompts, samples),
+        **attribute_metrics(world, config.space, eval_prompts, samples),
     }
     rates = ", ".join(f"{pole} {rate:.2f}" for pole, rate in metrics["attribute_rates"].items())
     log(f"base: per-pole attribute rates on {len(samples)} held-out prompts: {rates}")
