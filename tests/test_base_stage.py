@@ -40,6 +40,7 @@ def test_tiny_base_on_two_workers_then_skip_refuse_and_force(ray_cluster, tmp_pa
     tokenizer = AutoTokenizer.from_pretrained(base["tokenizer_path"])
     assert model.config.vocab_size == len(tokenizer)
     assert tokenizer.chat_template and tokenizer.eos_token == "<|eos|>"
+    assert not Path(base["model_path"], "training_args.bin").exists()  # no pickles
     text = "How do volcanoes work?"
     assert tokenizer.decode(tokenizer(text).input_ids) == text
 
