@@ -168,6 +168,126 @@ class BaseConfig(StrictModel):
         return self.model == TINY_MODEL
 
 
+class FeedbackFileSpec(StrictModel):
+    """One user file of pairwise feedback."""
+
+    path: str = Field(min_length=1)
+    """A JSONL, Parquet or CSV file, or a directory saved by ``datasets``' ``save_to_disk``.
+    Columns ``prompt, pole, chosen, rejected``, or the paper's released format
+    (``user_input``, ``completion_a`` = preferred, ``completion_b``)."""
+    pole: str | None = None
+    """Pole of every row, for files without a ``pole`` column (the paper's files hold one
+    preference each)."""
+
+
+class OpenAIJudgeSpec(StrictModel):
+    """A pairwise judge behind any OpenAI-compatible chat endpoint."""
+
+    base_url: str = "https://api.openai.com/v1"
+    """Endpoint base URL (``.../v1``); any OpenAI-compatible server (vLLM, TGI, Ollama...)."""
+    model: str = "gpt-4o-mini"
+    """Model name sent in each request."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the API key (never written to the run directory)."""
+    max_retries: int = Field(default=5, ge=0)
+    """Retries of a failed request, with exponential backoff."""
+    timeout_s: float = Field(default=60.0, gt=0)
+    """Per-request timeout."""
+    concurrency: int = Field(default=4, ge=1)
+    """Requests in flight at once."""
+    criteria: dict[str, str] = Field(default_factory=dict)
+    """Criterion text per pole id; default: the pole's preference prompt."""
+
+
+class FeedbackConfig(StrictModel):
+    """Pairwise preference data per pole: ``(prompt, pole, chosen, rejected)``."""
+
+    source: Literal["auto", "world", "files", "generate"] = "auto"
+    """``world``: the tiny world's generator; ``files``: ``files`` below; ``generate``: sample
+    two responses per prompt from the base (pole's preference prompt appended) and ask
+    ``judge`` which satisfies the pole better. ``auto``: ``world`` for the tiny base,
+    ``generate`` for a real model."""
+    pairs_per_pole: int = Field(default=1000, ge=2)
+    """``world``: pairs generated per pole."""
+    eval_fraction: float = Field(default=0.1, gt=0, lt=1)
+    """Share of each pole's pairs held out to measure reward-model accuracy."""
+    files: list[FeedbackFileSpec] = Field(default_factory=list)
+    """``files``: the user's feedback files."""
+    prompts_per_pole: int = Field(default=200, ge=2)
+    """``generate``: prompts sampled per pole (two responses each)."""
+    prompts_file: str | None = None
+    """``generate``: instructions to sample on, a text file (one per line) or JSONL with a
+    ``prompt`` field. Default for the tiny base: the world's training prompts."""
+    judge: Literal["auto", "checkers", "openai"] = "auto"
+    """``generate``: the tiny world's attribute checkers, or an OpenAI-compatible LLM.
+    ``auto``: ``checkers`` for the tiny base, ``openai`` for a real model."""
+    openai: OpenAIJudgeSpec = Field(default_factory=OpenAIJudgeSpec)
+    """``judge: openai`` settings."""
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    """``generate``: sampling settings."""
+    resources: ScalingSpec = Field(default_factory=ScalingSpec)
+    """``generate``: resources of the Ray task that samples (``use_gpu`` for real models)."""
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> FeedbackConfig:
+        if self.source == "files" and not self.files:
+            raise ValueError("source 'files' needs at least one entry in feedback.files")
+        return self
+
+
+class LoraSpec(StrictModel):
+    """A LoRA adapter's shape."""
+
+    r: int = Field(default=8, ge=1)
+    """Rank."""
+    alpha: float = Field(default=16.0, gt=0)
+    """Scale numerator: the update is (alpha / r) * B @ A."""
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    """Dropout on the adapter's input."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt, or ``all-linear`` (every linear layer but the output head)."""
+
+
+class DeepSpeedSpec(StrictModel):
+    """DeepSpeed ZeRO through the HF/TRL trainer (gloo on CPU, NCCL on GPU)."""
+
+    enabled: bool = False
+    """Train with DeepSpeed."""
+    stage: Literal[0, 1, 2, 3] = 2
+    """ZeRO stage."""
+    offload_optimizer: bool = False
+    """Keep optimizer states in CPU memory."""
+
+
+class RewardsConfig(StrictModel):
+    """Reward models: base + LoRA + scalar score head, Bradley-Terry loss (TRL RewardTrainer)."""
+
+    mode: Literal["per_pole", "multitask"] = "per_pole"
+    """``per_pole``: one reward model per pole (P-Soups); ``multitask``: one model for all
+    poles with the pole's preference prompt in the input (the P-MORL setting)."""
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    """Adapter shape; the score head is trained in full."""
+    steps: int = Field(default=120, ge=1)
+    """Optimizer steps per run."""
+    batch_size: int = Field(default=16, ge=1)
+    """Pairs per step per worker."""
+    learning_rate: float = Field(default=2e-3, gt=0, le=1)
+    """Peak learning rate."""
+    max_length: int = Field(default=256, ge=8)
+    """Longest tokenised prompt + response; longer pairs are truncated."""
+    checkpoint_every: int = Field(default=50, ge=1)
+    """Save a checkpoint to the run's storage every N steps."""
+    logging_steps: int = Field(default=20, ge=1)
+    """Print the loss every N steps."""
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    """Optional DeepSpeed ZeRO."""
+    resources: ScalingSpec = Field(
+        default_factory=lambda: ScalingSpec(num_workers=1, cpus_per_worker=0.5)
+    )
+    """Resources of each pole's Ray Train run (runs for all poles are launched together and
+    queue when the cluster is full)."""
+
+
 class WorldConfig(StrictModel):
     """The built-in synthetic instruction world (used with ``base.model: tiny``)."""
 
@@ -192,6 +312,10 @@ class PsoupsConfig(StrictModel):
     """Tiny world settings."""
     base: BaseConfig = Field(default_factory=BaseConfig)
     """Base model stage."""
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    """Feedback stage."""
+    rewards: RewardsConfig = Field(default_factory=RewardsConfig)
+    """Reward-model stage."""
     ray: RayConfig = Field(default_factory=RayConfig)
     """Ray cluster connection."""
 
@@ -212,10 +336,40 @@ class PsoupsConfig(StrictModel):
                     f"base.num_sample_prompts ({self.base.num_sample_prompts}) exceeds "
                     f"world.num_eval_prompts ({self.world.num_eval_prompts})"
                 )
-            if self.base.sft.max_length > self.base.tiny.max_position_embeddings:
+            for length_key, length in (
+                ("base.sft.max_length", self.base.sft.max_length),
+                ("rewards.max_length", self.rewards.max_length),
+            ):
+                if length > self.base.tiny.max_position_embeddings:
+                    raise ValueError(
+                        f"{length_key} ({length}) exceeds base.tiny.max_position_embeddings "
+                        f"({self.base.tiny.max_position_embeddings})"
+                    )
+            if self.feedback.source == "auto":
+                self.feedback.source = "world"
+            if self.feedback.judge == "auto":
+                self.feedback.judge = "checkers"
+        else:
+            if self.feedback.source == "auto":
+                self.feedback.source = "generate"
+            if self.feedback.judge == "auto":
+                self.feedback.judge = "openai"
+            if self.feedback.source == "world":
                 raise ValueError(
-                    f"base.sft.max_length ({self.base.sft.max_length}) exceeds "
-                    f"base.tiny.max_position_embeddings ({self.base.tiny.max_position_embeddings})"
+                    "feedback.source 'world' needs base.model 'tiny'; for a real model use "
+                    "'files' or 'generate'"
+                )
+            if self.feedback.source == "generate" and self.feedback.judge == "checkers":
+                raise ValueError(
+                    "feedback.judge 'checkers' only understands the tiny world; for a real "
+                    "model use judge 'openai'"
+                )
+        pole_ids = set(self.space.pole_ids)
+        for index, spec in enumerate(self.feedback.files):
+            if spec.pole is not None and spec.pole not in pole_ids:
+                raise ValueError(
+                    f"feedback.files[{index}].pole {spec.pole!r} is not a pole of the "
+                    f"preference space ({', '.join(sorted(pole_ids))})"
                 )
         return self
 
