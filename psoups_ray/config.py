@@ -267,7 +267,7 @@ class RewardsConfig(StrictModel):
     poles with the pole's preference prompt in the input (the P-MORL setting)."""
     lora: LoraSpec = Field(default_factory=LoraSpec)
     """Adapter shape; the score head is trained in full."""
-    steps: int = Field(default=120, ge=1)
+    steps: int = Field(default=60, ge=1)
     """Optimizer steps per run."""
     batch_size: int = Field(default=16, ge=1)
     """Pairs per step per worker."""
@@ -395,6 +395,12 @@ SMOKE_TEST_OVERRIDES: tuple[str, ...] = (
     "base.sft.logging_steps=10",
     "base.num_sample_prompts=8",
     "base.sample.max_new_tokens=64",
+    "feedback.pairs_per_pole=100",
+    "feedback.prompts_per_pole=8",
+    "feedback.generation.max_new_tokens=32",
+    "rewards.steps=10",
+    "rewards.checkpoint_every=5",
+    "rewards.logging_steps=5",
 )
 """``--smoke-test``: every stage runs a few steps (applied before the user's ``--set``)."""
 

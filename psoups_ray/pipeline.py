@@ -28,6 +28,24 @@ def _run_base(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
     return run_base_stage(config, rundir)
 
 
+def _run_feedback(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
+    from psoups_ray.feedback import run_feedback_stage
+
+    return run_feedback_stage(config, rundir)
+
+
+def _check_feedback(config: PsoupsConfig) -> None:
+    from psoups_ray.feedback import check_feedback_config
+
+    check_feedback_config(config)
+
+
+def _run_rewards(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
+    from psoups_ray.rewards import run_rewards_stage
+
+    return run_rewards_stage(config, rundir)
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -37,6 +55,7 @@ class Stage:
     run: Callable[[PsoupsConfig, RunDir], dict[str, Any]] | None  # None: not implemented yet
     uses_ray: bool = True
     tracked_in: str = ""  # where the missing implementation is tracked
+    check: Callable[[PsoupsConfig], None] | None = None  # preflight, before any stage runs
 
 
 STAGES: tuple[Stage, ...] = (
@@ -51,17 +70,16 @@ STAGES: tuple[Stage, ...] = (
         "feedback",
         "pairwise preference data per pole",
         ("base",),
-        ("seed", "world"),
-        None,
-        tracked_in="issue #3",
+        ("seed", "world", "preferences", "feedback"),
+        _run_feedback,
+        check=_check_feedback,
     ),
     Stage(
         "rewards",
         "one Bradley-Terry reward model per pole, in parallel",
         ("feedback",),
-        ("seed",),
-        None,
-        tracked_in="issue #3",
+        ("seed", "preferences", "rewards"),
+        _run_rewards,
     ),
     Stage(
         "policies",
@@ -159,6 +177,11 @@ def run_pipeline(
             plan.append(name)
     plan = [name for name in STAGE_NAMES if name in plan]
 
+    for name in plan:  # everything checkable is checked before any work starts
+        stage = _BY_NAME[name]
+        will_run = not manifest.is_complete(name) or (force and name in requested)
+        if will_run and stage.check is not None and stage.run is not None:
+            stage.check(config)
     log(f"run directory: {rundir.location}")
     log(f"stages: {' -> '.join(plan)}")
     for index, name in enumerate(plan, start=1):

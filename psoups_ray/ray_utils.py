@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from psoups_ray.config import RayConfig, ScalingSpec
@@ -85,3 +86,42 @@ def fit_torch_run(
     if result.error is not None:
         raise PsoupsError(f"Ray Train run {name!r} failed: {result.error}")
     return result
+
+
+@dataclass(frozen=True)
+class TorchRun:
+    """One Ray Train run to launch alongside others (see :func:`fit_torch_runs`)."""
+
+    train_loop: Callable[[dict[str, Any]], None]
+    loop_config: dict[str, Any]
+    resources: ScalingSpec
+    stage: str
+    name: str
+
+
+def fit_torch_runs(runs: list[TorchRun], rundir: RunDir) -> None:
+    """Launch every run at once, each ``TorchTrainer.fit()`` in its own zero-CPU Ray task.
+
+    Runs execute concurrently as far as the cluster's resources allow; the rest queue
+    for their placement groups. Waits for all; raises one error naming every failed run.
+    """
+    import ray
+
+    fit_remote = ray.remote(num_cpus=0, max_retries=0)(fit_torch_run)
+    pending = {
+        fit_remote.remote(run.train_loop, run.loop_config, run.resources, rundir, run.stage,
+                          run.name): run.name
+        for run in runs
+    }  # fmt: skip
+    log(f"{runs[0].stage}: launched {len(runs)} Ray Train runs: {', '.join(pending.values())}")
+    failures = []
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        name = pending.pop(done[0])
+        try:
+            ray.get(done[0])
+            log(f"{runs[0].stage}: run {name} finished ({len(pending)} still running or queued)")
+        except Exception as exc:  # a failed run must not hide the others' results
+            failures.append(f"{name}: {getattr(exc, 'cause', None) or exc}")
+    if failures:
+        raise PsoupsError(f"{len(failures)} Ray Train run(s) failed:\n  " + "\n  ".join(failures))

@@ -224,3 +224,9 @@ def resolve_artifact(location: str) -> Path:
         return path
     parent, _, name = location.rstrip("/").rpartition("/")
     return RunDir(parent).local_dir(name)
+
+
+def local_reference(reference: str) -> str:
+    """A model reference usable by ``from_pretrained``: URIs become local cached copies;
+    local paths and hub ids pass through."""
+    return str(resolve_artifact(reference)) if "://" in reference else reference

@@ -44,7 +44,7 @@ class SFTJob:
     label: str = "base"
 
 
-class _ProgressCallback(TrainerCallback):
+class ProgressCallback(TrainerCallback):
     """Prints ``[label] step i/n loss ...`` on rank 0 every ``logging_steps``."""
 
     def __init__(self, label: str):
@@ -111,10 +111,10 @@ def run_sft(job: SFTJob, *, under_ray: bool = False) -> dict[str, Any]:
 
     workdir = tempfile.mkdtemp(prefix=f"psoups-{job.label}-")
     try:
-        resume_from = _restore_ray_checkpoint(workdir) if under_ray else None
+        resume_from = restore_ray_checkpoint(workdir) if under_ray else None
         if resume_from and rank == 0:
             log(f"[{job.label}] resuming from checkpoint {Path(resume_from).name}")
-        callbacks: list[TrainerCallback] = [_ProgressCallback(job.label)]
+        callbacks: list[TrainerCallback] = [ProgressCallback(job.label)]
         if under_ray:
             from ray.train.huggingface.transformers import RayTrainReportCallback
 
@@ -176,7 +176,7 @@ def _sample(model, tokenizer, job: SFTJob) -> list[str]:
     )
 
 
-def _restore_ray_checkpoint(workdir: str) -> str | None:
+def restore_ray_checkpoint(workdir: str) -> str | None:
     """Copy the checkpoint Ray Train restored (after a failure or restart) into ``workdir``."""
     import ray.train
     from ray.train.huggingface.transformers import RayTrainReportCallback

@@ -1,0 +1,16 @@
+"""Ray job: the feedback stage.
+
+    ray job submit --working-dir . -- python jobs/feedback.py --out s3://bucket/runs/x
+
+Takes the arguments of ``psoups feedback`` (see ``psoups feedback --help``). The stages it needs
+must be complete in the run directory (``jobs/pipeline.py --stages feedback`` runs them).
+"""
+
+import sys
+
+import _bootstrap  # noqa: F401  (puts the repository on sys.path)
+
+from psoups_ray.__main__ import main
+
+if __name__ == "__main__":
+    sys.exit(main(["feedback", *sys.argv[1:]]))

@@ -1,0 +1,331 @@
+"""The ``generate`` source: sample two responses per prompt from the base, let a judge pick.
+
+For each pole, ``prompts_per_pole`` instructions get the pole's preference prompt appended,
+the base samples two responses (two seeds), and a pairwise judge says which better
+satisfies the pole. :func:`sample_responses` and :func:`judge_responses` do the work and run
+anywhere (:func:`sample_and_judge` chains them); :func:`run_sampling_task` runs the sampling
+as one Ray task with ``feedback.resources`` (GPUs for a real model).
+
+The judging runs in the driver, after the sampling task has returned: the task's GPU is not
+held through thousands of rate-limited HTTP calls, the judge's API key never has to be
+shipped to a worker, and the judge cache is written by the process that writes the manifest.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from psoups_ray.config import GenerationSpec, PsoupsConfig, ScalingSpec
+from psoups_ray.errors import PsoupsError
+from psoups_ray.feedback.judges import CheckerJudge, PairToJudge, PairwiseJudge, Verdict
+from psoups_ray.feedback.rows import PreferenceRow, derive_seed
+from psoups_ray.manifest import MANIFEST_NAME, Manifest
+from psoups_ray.progress import log
+from psoups_ray.rundir import RunDir, local_reference
+
+MIN_JUDGE_BATCH = 32
+"""Pairs judged between two progress lines (at least; more with a concurrent judge)."""
+
+Responses = dict[str, tuple[list[str], list[str]]]
+"""``{pole: (responses_a, responses_b)}``, aligned with the pole's prompts."""
+
+
+@dataclass(frozen=True)
+class PoleSampling:
+    """What to sample for one pole: its preference prompt and the raw instructions."""
+
+    pole: str
+    preference_prompt: str
+    prompts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SamplingJob:
+    """Everything the sampling task needs; built on the driver, shipped to the Ray task."""
+
+    model_path: str
+    tokenizer_path: str
+    dtype: str
+    revision: str | None
+    trust_remote_code: bool
+    poles: tuple[PoleSampling, ...]
+    generation: GenerationSpec
+    seed: int
+    use_gpu: bool = False
+
+
+@dataclass(frozen=True)
+class Label:
+    """One judged pair: two responses to ``prompt`` for ``pole`` and the judge's verdict."""
+
+    prompt: str
+    pole: str
+    response_a: str
+    response_b: str
+    verdict: Verdict
+    skipped: str | None = None  # why the judge was not asked (empty or identical responses)
+
+    def to_row(self) -> PreferenceRow:
+        """The preference pair (not for a tie)."""
+        if self.verdict == "tie":
+            raise ValueError("a tie is not a preference pair")
+        chosen, rejected = (
+            (self.response_a, self.response_b)
+            if self.verdict == "a"
+            else (self.response_b, self.response_a)
+        )
+        return PreferenceRow(self.prompt, self.pole, chosen, rejected)
+
+    def to_dict(self) -> dict[str, Any]:
+        record = asdict(self)
+        if record["skipped"] is None:
+            del record["skipped"]
+        return record
+
+
+# --- prompts (driver side) ---------------------------------------------------------------------
+
+
+def read_prompts_file(path: str) -> list[str]:
+    """Instructions from a text file (one per line) or JSONL with a ``prompt`` field."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise PsoupsError(f"feedback.prompts_file: {path} does not exist")
+    try:
+        text = file.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PsoupsError(
+            f"feedback.prompts_file: cannot read {path} as UTF-8 text ({exc})"
+        ) from None
+    prompts: list[str] = []
+    is_jsonl = file.suffix.lower() in (".jsonl", ".json")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        if not is_jsonl:
+            prompts.append(line.strip())
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PsoupsError(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
+        value = record.get("prompt") if isinstance(record, dict) else None
+        if not isinstance(value, str) or not value.strip():
+            raise PsoupsError(
+                f"{path}: line {number}: field 'prompt' must be a non-empty string, "
+                f"got {value!r:.60}"
+            )
+        prompts.append(value.strip())
+    if not prompts:
+        raise PsoupsError(f"feedback.prompts_file: {path} holds no prompts")
+    return prompts
+
+
+def sample_prompts(pool: Sequence[str], n: int, seed: int) -> list[str]:
+    """``n`` prompts from ``pool``: distinct while the pool lasts, then it is reshuffled."""
+    distinct = list(dict.fromkeys(pool))
+    rng = random.Random(seed)
+    if n <= len(distinct):
+        return rng.sample(distinct, n)
+    chosen: list[str] = []
+    while len(chosen) < n:
+        chosen.extend(rng.sample(distinct, len(distinct)))
+    return chosen[:n]
+
+
+def _prompt_pool(config: PsoupsConfig) -> list[str]:
+    if config.feedback.prompts_file:
+        return read_prompts_file(config.feedback.prompts_file)
+    if config.base.is_tiny:
+        from psoups_ray.world import TinyWorld
+
+        world = TinyWorld(seed=config.world.seed, num_eval_prompts=config.world.num_eval_prompts)
+        return list(world.train_prompts)
+    raise PsoupsError(
+        "feedback.source 'generate' with a real base model needs feedback.prompts_file "
+        "(a .txt with one instruction per line, or JSONL with a 'prompt' field)"
+    )
+
+
+def build_sampling_job(config: PsoupsConfig, rundir: RunDir) -> SamplingJob:
+    """The sampling job for ``config``, with the base model recorded in the run's manifest."""
+    base: dict[str, Any] = {}
+    if rundir.exists(MANIFEST_NAME):
+        base = Manifest.load(rundir).data.get("base") or {}
+    if not base.get("model_path"):
+        raise PsoupsError(
+            f"feedback.source 'generate' samples from the base model, but {rundir.location} "
+            "records none; run the base stage first"
+        )
+    pool = _prompt_pool(config)
+    space = config.space
+    feedback = config.feedback
+    poles = tuple(
+        PoleSampling(
+            pole=pole_id,
+            preference_prompt=space.pole(pole_id).prompt,
+            prompts=tuple(
+                sample_prompts(
+                    pool, feedback.prompts_per_pole, derive_seed(config.seed, "prompts", pole_id)
+                )
+            ),
+        )
+        for pole_id in space.pole_ids
+    )
+    from_hub = base["model_path"] == base.get("model")
+    return SamplingJob(
+        model_path=base["model_path"],
+        tokenizer_path=base.get("tokenizer_path") or base["model_path"],
+        dtype=config.base.dtype,
+        revision=base.get("revision") if from_hub else None,
+        trust_remote_code=config.base.trust_remote_code,
+        poles=poles,
+        generation=feedback.generation,
+        seed=config.seed,
+        use_gpu=feedback.resources.use_gpu,
+    )
+
+
+# --- sampling (runs in the Ray task) ----------------------------------------------------------
+
+
+def sample_responses(job: SamplingJob) -> Responses:
+    """Two sampled responses per (pole, prompt) from the base; the model is freed after."""
+    import torch
+
+    from psoups_ray.base.model import load_causal_lm, load_tokenizer
+    from psoups_ray.generation import generate
+    from psoups_ray.prompting import format_prompt
+
+    tokenizer = load_tokenizer(
+        local_reference(job.tokenizer_path), job.revision, job.trust_remote_code
+    )
+    model = load_causal_lm(
+        local_reference(job.model_path), job.dtype, job.revision, job.trust_remote_code
+    )
+    if job.use_gpu and torch.cuda.is_available():
+        model = model.to("cuda")
+    responses: Responses = {}
+    for sampling in job.poles:
+        formatted = [
+            format_prompt(tokenizer, prompt, sampling.preference_prompt)
+            for prompt in sampling.prompts
+        ]
+        samples = []
+        for which in ("a", "b"):
+            seed = derive_seed(job.seed, "generate", sampling.pole, which)
+            progress = _sampling_progress(sampling.pole, which)
+            samples.append(
+                generate(model, tokenizer, formatted, job.generation, seed=seed, on_batch=progress)
+            )
+        responses[sampling.pole] = (samples[0], samples[1])
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return responses
+
+
+def _sampling_progress(pole: str, which: str) -> Callable[[int, int], None]:
+    def progress(done: int, total: int) -> None:
+        log(f"feedback: {pole}: sampled {done}/{total} responses ({which})")
+
+    return progress
+
+
+# --- judging (driver) ----------------------------------------------------------------------------
+
+
+def make_judge(config: PsoupsConfig, rundir: RunDir) -> PairwiseJudge:
+    """The configured judge; the LLM judge caches its answers in the run directory."""
+    feedback = config.feedback
+    if feedback.judge == "checkers":
+        return CheckerJudge()
+    if feedback.judge == "openai":
+        from psoups_ray.feedback.openai_judge import JudgeCache, OpenAIJudge, judge_criteria
+
+        criteria = judge_criteria(feedback.openai, config.space)
+        return OpenAIJudge(feedback.openai, criteria, seed=config.seed, cache=JudgeCache(rundir))
+    raise PsoupsError(f"feedback.judge {feedback.judge!r} is not one of checkers, openai")
+
+
+def judge_responses(
+    poles: Sequence[PoleSampling],
+    responses: Mapping[str, tuple[Sequence[str], Sequence[str]]],
+    judge: PairwiseJudge,
+    batch_size: int = MIN_JUDGE_BATCH,
+) -> list[Label]:
+    """One label per (pole, prompt), in order; pairs with an empty or identical response are
+    ties without asking the judge."""
+    return [
+        label
+        for sampling in poles
+        for label in _judge_pole(judge, sampling, *responses[sampling.pole], batch_size)
+    ]
+
+
+def sample_and_judge(
+    job: SamplingJob, judge: PairwiseJudge, batch_size: int = MIN_JUDGE_BATCH
+) -> list[Label]:
+    """Sampling and judging in this process (no Ray)."""
+    return judge_responses(job.poles, sample_responses(job), judge, batch_size)
+
+
+def _skip_reason(a: str, b: str) -> str | None:
+    if not a.strip() or not b.strip():
+        return "empty response"
+    if a.strip() == b.strip():
+        return "identical responses"
+    return None
+
+
+def _judge_pole(
+    judge: PairwiseJudge,
+    sampling: PoleSampling,
+    responses_a: Sequence[str],
+    responses_b: Sequence[str],
+    batch_size: int,
+) -> list[Label]:
+    """Judge one pole's pairs in batches, a progress line per batch."""
+    triples = list(zip(sampling.prompts, responses_a, responses_b, strict=True))
+    skipped = [_skip_reason(a, b) for _, a, b in triples]
+    to_judge = [index for index, reason in enumerate(skipped) if reason is None]
+    verdicts: dict[int, Verdict] = {}
+    for start in range(0, len(to_judge), batch_size):
+        batch = to_judge[start : start + batch_size]
+        pairs = [PairToJudge(*triples[index]) for index in batch]
+        verdicts.update(zip(batch, judge.compare_batch(sampling.pole, pairs), strict=True))
+        log(f"feedback: {sampling.pole}: judged {start + len(batch)}/{len(to_judge)} pairs")
+    return [
+        Label(prompt, sampling.pole, a, b, verdicts.get(index, "tie"), skipped[index])
+        for index, (prompt, a, b) in enumerate(triples)
+    ]
+
+
+# --- the Ray edge ------------------------------------------------------------------------------
+
+
+def run_sampling_task(job: SamplingJob, resources: ScalingSpec) -> Responses:
+    """Run :func:`sample_responses` as one Ray task (in this process when Ray is not up)."""
+    import ray
+
+    if not ray.is_initialized():
+        log("feedback: Ray is not initialised; sampling in this process")
+        return sample_responses(job)
+    task = ray.remote(sample_responses).options(
+        num_cpus=resources.cpus_per_worker,
+        num_gpus=resources.gpus_per_worker if resources.use_gpu else 0,
+        max_retries=resources.max_failures,
+    )
+    try:
+        return ray.get(task.remote(job))
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, PsoupsError):
+            raise exc.cause from None
+        raise PsoupsError(f"the feedback sampling task failed: {exc.cause!r}") from exc

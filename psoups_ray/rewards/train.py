@@ -1,0 +1,267 @@
+"""Training one reward model: base + LoRA + scalar score head, Bradley-Terry loss.
+
+The loss is TRL's ``RewardTrainer``: -log sigmoid(r(x, y_chosen) - r(x, y_rejected))
+(Bradley & Terry 1952; Ouyang et al. 2022, eq. 1). :func:`run_reward_training`
+is callable without Ray; :func:`reward_train_loop` is the Ray Train per-worker
+entry point around it (checkpoint reporting, resume after a failure).
+
+After training, rank 0 scores the held-out pairs: pairwise accuracy per pole,
+and each pole's score mean/std (used to normalise scores across poles) go into
+``reward_stats.json`` next to the adapter, so the statistics travel with it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig, TaskType
+from transformers import AutoModelForSequenceClassification, PrinterCallback, TrainerCallback
+from trl import RewardConfig, RewardTrainer
+
+from psoups_ray.base.model import DTYPES, load_tokenizer
+from psoups_ray.base.sft import ProgressCallback, restore_ray_checkpoint
+from psoups_ray.config import BaseConfig, RewardsConfig
+from psoups_ray.progress import log
+from psoups_ray.rundir import RunDir, local_reference
+
+STATS_FILE = "reward_stats.json"
+
+
+@dataclass(frozen=True)
+class RewardJob:
+    """One reward model's run: a single pole (P-Soups) or all poles, conditioned (P-MORL)."""
+
+    run_location: str
+    name: str  # pole id, or "multitask"
+    poles: tuple[str, ...]  # the poles whose feedback it learns
+    conditioned: bool  # the pole's preference prompt is part of the input
+    preference_prompts: dict[str, str]  # pole id -> preference prompt
+    base_model_path: str
+    tokenizer_path: str
+    base: BaseConfig
+    rewards: RewardsConfig
+    seed: int
+    output_relpath: str  # adapter directory in the run dir
+    metrics_relpath: str  # metrics JSON written by rank 0
+
+
+def reward_input(
+    tokenizer, prompt: str, response: str, preference_prompt: str | None = None
+) -> tuple[str, str]:
+    """(prompt text, response text) exactly as the reward model sees them (EOS appended)."""
+    from psoups_ray.prompting import format_prompt
+
+    eos = tokenizer.eos_token or ""
+    text = response if response.endswith(eos) else response + eos
+    return format_prompt(tokenizer, prompt, preference_prompt), text
+
+
+def lora_config(spec) -> LoraConfig:
+    return LoraConfig(
+        task_type=TaskType.SEQ_CLS,  # also trains and saves the score head (modules_to_save)
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=spec.target_modules,
+    )
+
+
+def deepspeed_config(rewards: RewardsConfig) -> dict[str, Any] | None:
+    spec = rewards.deepspeed
+    if not spec.enabled:
+        return None
+    zero: dict[str, Any] = {"stage": spec.stage}
+    if spec.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "zero_optimization": zero,
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+    }
+
+
+def load_reward_base(base_model_path: str, base: BaseConfig):
+    """The base as a sequence classifier with a fresh one-output score head."""
+    model = AutoModelForSequenceClassification.from_pretrained(
+        local_reference(base_model_path),
+        num_labels=1,
+        dtype="auto" if base.dtype == "auto" else DTYPES[base.dtype],
+        revision=base.revision,
+        trust_remote_code=base.trust_remote_code,
+    )
+    return model
+
+
+def _rows(job: RewardJob, tokenizer, split: str) -> list[dict[str, str]]:
+    from psoups_ray.feedback import load_feedback
+
+    rows = []
+    for row in load_feedback(RunDir(job.run_location), split):
+        if row.pole not in job.poles:
+            continue
+        preference = job.preference_prompts[row.pole] if job.conditioned else None
+        prompt, chosen = reward_input(tokenizer, row.prompt, row.chosen, preference)
+        _, rejected = reward_input(tokenizer, row.prompt, row.rejected, preference)
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "pole": row.pole})
+    return rows
+
+
+def run_reward_training(job: RewardJob, *, under_ray: bool = False) -> dict[str, Any]:
+    """Train, save the adapter (+ score head) and its statistics (rank 0); return metrics."""
+    rundir = RunDir(job.run_location)
+    rank, world_size = 0, 1
+    if torch.distributed.is_initialized():
+        rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    spec = job.rewards
+    tokenizer = load_tokenizer(local_reference(job.tokenizer_path))
+    train_rows = _rows(job, tokenizer, "train")
+    eval_rows = _rows(job, tokenizer, "eval")
+    model = load_reward_base(job.base_model_path, job.base)
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+    workdir = tempfile.mkdtemp(prefix=f"psoups-reward-{job.name}-")
+    try:
+        resume_from = restore_ray_checkpoint(workdir) if under_ray else None
+        if resume_from and rank == 0:
+            log(f"[rewards {job.name}] resuming from checkpoint {Path(resume_from).name}")
+        use_gpu = spec.resources.use_gpu
+        args = RewardConfig(
+            output_dir=workdir,
+            max_steps=spec.steps,
+            per_device_train_batch_size=spec.batch_size,
+            learning_rate=spec.learning_rate,
+            lr_scheduler_type="cosine",
+            warmup_steps=0.05,
+            max_length=spec.max_length,
+            logging_steps=spec.logging_steps,
+            save_strategy="steps",
+            save_steps=spec.checkpoint_every,
+            save_total_limit=1,
+            use_cpu=not use_gpu,
+            bf16=use_gpu and job.base.dtype == "bfloat16",
+            gradient_checkpointing=False,
+            report_to="none",
+            disable_tqdm=True,
+            seed=job.seed,
+            data_seed=job.seed,
+            dataloader_num_workers=0,
+            ddp_find_unused_parameters=False,
+            remove_unused_columns=True,
+            deepspeed=deepspeed_config(spec),
+        )
+        callbacks: list[TrainerCallback] = [ProgressCallback(f"rewards {job.name}")]
+        if under_ray:
+            from ray.train.huggingface.transformers import RayTrainReportCallback
+
+            callbacks.append(RayTrainReportCallback())
+        trainer = RewardTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(
+                [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in train_rows]
+            ),
+            processing_class=tokenizer,
+            peft_config=lora_config(spec.lora),
+            callbacks=callbacks,
+        )
+        trainer.remove_callback(PrinterCallback)
+        if under_ray:
+            from ray.train.huggingface.transformers import prepare_trainer
+
+            trainer = prepare_trainer(trainer)
+        started_at = time.time()
+        output = trainer.train(resume_from_checkpoint=resume_from)
+        finished_at = time.time()
+
+        adapter_dir = Path(workdir, "adapter")
+        trainer.save_model(str(adapter_dir))  # every rank (DeepSpeed gathers inside)
+        metrics: dict[str, Any] = {
+            "train_loss": float(output.training_loss),
+            "steps": int(trainer.state.global_step),
+            "train_pairs": len(train_rows),
+            "eval_pairs": len(eval_rows),
+            "resumed": bool(resume_from),
+            "started_at": started_at,
+            "finished_at": finished_at,
+            "num_workers": world_size,
+            "deepspeed_stage": spec.deepspeed.stage if spec.deepspeed.enabled else None,
+        }
+        if rank == 0:
+            model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
+            stats = held_out_statistics(model, tokenizer, eval_rows, job.poles)
+            metrics["eval"] = stats
+            Path(adapter_dir, "training_args.bin").unlink(missing_ok=True)
+            _write_json(Path(adapter_dir, STATS_FILE), {"conditioned": job.conditioned, **stats})
+            tokenizer.save_pretrained(str(adapter_dir))
+            rundir.upload_dir(adapter_dir, job.output_relpath)
+            rundir.write_json(job.metrics_relpath, metrics)
+            accuracy = ", ".join(f"{p} {s['accuracy']:.3f}" for p, s in stats.items())
+            log(f"[rewards {job.name}] held-out pairwise accuracy: {accuracy}")
+        return metrics
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@torch.no_grad()
+def score_texts(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 32):
+    """Scalar rewards for (prompt text, response text) pairs built by :func:`reward_input`."""
+    model.eval()
+    device = next(model.parameters()).device
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    scores = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            texts = [
+                p + r
+                for p, r in zip(
+                    prompts[start : start + batch_size],
+                    responses[start : start + batch_size],
+                    strict=True,
+                )
+            ]
+            encoded = tokenizer(texts, return_tensors="pt", padding=True).to(device)
+            logits = model(**encoded).logits  # (batch, 1)
+            scores.append(logits[:, 0].float().cpu())
+    finally:
+        tokenizer.padding_side = padding_side
+    return torch.cat(scores) if scores else torch.zeros(0)
+
+
+def held_out_statistics(model, tokenizer, rows: list[dict[str, str]], poles) -> dict[str, Any]:
+    """Per pole: held-out pairwise accuracy, and the score mean/std over the responses."""
+    stats: dict[str, Any] = {}
+    for pole in poles:
+        pole_rows = [r for r in rows if r["pole"] == pole]
+        prompts = [r["prompt"] for r in pole_rows]
+        chosen = score_texts(model, tokenizer, prompts, [r["chosen"] for r in pole_rows])
+        rejected = score_texts(model, tokenizer, prompts, [r["rejected"] for r in pole_rows])
+        both = torch.cat([chosen, rejected])
+        stats[pole] = {
+            "accuracy": float((chosen > rejected).float().mean()) if len(pole_rows) else None,
+            "pairs": len(pole_rows),
+            "score_mean": float(both.mean()) if len(both) else 0.0,
+            "score_std": float(both.std()) if len(both) > 1 else 1.0,
+            "mean_margin": float((chosen - rejected).mean()) if len(pole_rows) else None,
+        }
+    return stats
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    import json
+
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def reward_train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train per-worker entry point: ``loop_config = {"job": RewardJob}``."""
+    run_reward_training(loop_config["job"], under_ray=True)
