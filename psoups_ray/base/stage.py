@@ -71,11 +71,14 @@ def prepare_tiny_sft(config: PsoupsConfig, rundir: RunDir) -> SFTJob:
 
     examples = world.sft_examples(config.base.sft.num_examples, seed=config.seed)
     rng = random.Random(config.seed)
+    declared = set(space.pole_ids)  # a space may declare only some of the world's poles
     rows = []
     for example in examples:
         preference_prompt = None
         if rng.random() < config.base.sft.prompted_fraction:
-            chosen = [pole for pole in example.poles.values() if rng.random() < 0.5]
+            chosen = [
+                pole for pole in example.poles.values() if pole in declared and rng.random() < 0.5
+            ]
             if chosen:
                 preference_prompt = space.preference_prompt(space.combination(chosen))
         rows.append(

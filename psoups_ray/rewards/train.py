@@ -247,7 +247,7 @@ def held_out_statistics(model, tokenizer, rows: list[dict[str, str]], poles) -> 
         rejected = score_texts(model, tokenizer, prompts, [r["rejected"] for r in pole_rows])
         both = torch.cat([chosen, rejected])
         stats[pole] = {
-            "accuracy": float((chosen > rejected).float().mean()) if len(pole_rows) else None,
+            "accuracy": round(float((chosen > rejected).float().mean()), 4) if pole_rows else None,
             "pairs": len(pole_rows),
             "score_mean": float(both.mean()) if len(both) else 0.0,
             "score_std": float(both.std()) if len(both) > 1 else 1.0,
