@@ -26,6 +26,7 @@ from psoups_ray.config import BaseConfig
 from psoups_ray.generation import generate
 from psoups_ray.progress import log
 from psoups_ray.rundir import RunDir
+from psoups_ray.training import ProgressCallback, restore_ray_checkpoint, trainer_kwargs
 
 
 @dataclass(frozen=True)
@@ -44,51 +45,25 @@ class SFTJob:
     label: str = "base"
 
 
-class ProgressCallback(TrainerCallback):
-    """Prints ``[label] step i/n loss ...`` on rank 0 every ``logging_steps``."""
-
-    def __init__(self, label: str):
-        self.label = label
-        self.started = time.monotonic()
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or "loss" not in logs:
-            return
-        elapsed = time.monotonic() - self.started
-        log(
-            f"[{self.label}] step {state.global_step}/{state.max_steps} "
-            f"loss {logs['loss']:.3f} lr {logs.get('learning_rate', 0):.2e} ({elapsed:.0f}s)"
-        )
-
-
 def _training_args(job: SFTJob, output_dir: str) -> SFTConfig:
     sft = job.base.sft
-    use_gpu = sft.resources.use_gpu
     return SFTConfig(
         output_dir=output_dir,
         max_steps=sft.steps,
         per_device_train_batch_size=sft.batch_size,
         gradient_accumulation_steps=sft.gradient_accumulation_steps,
         learning_rate=sft.learning_rate,
-        lr_scheduler_type="cosine",
         warmup_steps=sft.warmup_ratio,
         weight_decay=sft.weight_decay,
         max_length=sft.max_length,
         completion_only_loss=True,
-        logging_steps=sft.logging_steps,
-        save_strategy="steps",
-        save_steps=sft.checkpoint_every,
-        save_total_limit=1,
-        use_cpu=not use_gpu,
-        bf16=use_gpu and job.base.dtype == "bfloat16",
-        fp16=use_gpu and job.base.dtype == "float16",
-        gradient_checkpointing=False,
-        report_to="none",
-        disable_tqdm=True,
-        seed=job.seed,
-        data_seed=job.seed,
-        dataloader_num_workers=0,
-        ddp_find_unused_parameters=False,
+        **trainer_kwargs(
+            use_gpu=sft.resources.use_gpu,
+            dtype=job.base.dtype,
+            seed=job.seed,
+            logging_steps=sft.logging_steps,
+            checkpoint_every=sft.checkpoint_every,
+        ),
     )
 
 
@@ -174,20 +149,6 @@ def _sample(model, tokenizer, job: SFTJob) -> list[str]:
         seed=job.seed,
         on_batch=progress,
     )
-
-
-def restore_ray_checkpoint(workdir: str) -> str | None:
-    """Copy the checkpoint Ray Train restored (after a failure or restart) into ``workdir``."""
-    import ray.train
-    from ray.train.huggingface.transformers import RayTrainReportCallback
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
-    target = Path(workdir, "resume")
-    with checkpoint.as_directory() as directory:
-        shutil.copytree(Path(directory, RayTrainReportCallback.CHECKPOINT_NAME), target)
-    return str(target)
 
 
 def sft_train_loop(loop_config: dict[str, Any]) -> None:

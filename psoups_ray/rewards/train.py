@@ -26,10 +26,10 @@ from transformers import AutoModelForSequenceClassification, PrinterCallback, Tr
 from trl import RewardConfig, RewardTrainer
 
 from psoups_ray.base.model import DTYPES, load_tokenizer
-from psoups_ray.base.sft import ProgressCallback, restore_ray_checkpoint
 from psoups_ray.config import BaseConfig, RewardsConfig
 from psoups_ray.progress import log
 from psoups_ray.rundir import RunDir, local_reference
+from psoups_ray.training import ProgressCallback, restore_ray_checkpoint, trainer_kwargs
 
 STATS_FILE = "reward_stats.json"
 
@@ -133,30 +133,22 @@ def run_reward_training(job: RewardJob, *, under_ray: bool = False) -> dict[str,
         resume_from = restore_ray_checkpoint(workdir) if under_ray else None
         if resume_from and rank == 0:
             log(f"[rewards {job.name}] resuming from checkpoint {Path(resume_from).name}")
-        use_gpu = spec.resources.use_gpu
         args = RewardConfig(
             output_dir=workdir,
             max_steps=spec.steps,
             per_device_train_batch_size=spec.batch_size,
             learning_rate=spec.learning_rate,
-            lr_scheduler_type="cosine",
             warmup_steps=0.05,
             max_length=spec.max_length,
-            logging_steps=spec.logging_steps,
-            save_strategy="steps",
-            save_steps=spec.checkpoint_every,
-            save_total_limit=1,
-            use_cpu=not use_gpu,
-            bf16=use_gpu and job.base.dtype == "bfloat16",
-            gradient_checkpointing=False,
-            report_to="none",
-            disable_tqdm=True,
-            seed=job.seed,
-            data_seed=job.seed,
-            dataloader_num_workers=0,
-            ddp_find_unused_parameters=False,
             remove_unused_columns=True,
             deepspeed=deepspeed_config(spec),
+            **trainer_kwargs(
+                use_gpu=spec.resources.use_gpu,
+                dtype=job.base.dtype,
+                seed=job.seed,
+                logging_steps=spec.logging_steps,
+                checkpoint_every=spec.checkpoint_every,
+            ),
         )
         callbacks: list[TrainerCallback] = [ProgressCallback(f"rewards {job.name}")]
         if under_ray:

@@ -1,0 +1,76 @@
+"""Pieces every HF/TRL trainer run of the pipeline shares (SFT, reward models, ...).
+
+One place for the trainer settings that must agree across stages (CPU vs GPU, mixed
+precision, checkpoint cadence, logging) and for the Ray Train glue: progress lines and
+resuming from the checkpoint Ray Train restored.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from psoups_ray.progress import log
+
+
+def trainer_kwargs(
+    *, use_gpu: bool, dtype: str, seed: int, logging_steps: int, checkpoint_every: int
+) -> dict[str, Any]:
+    """``TrainingArguments`` fields shared by every trainer run.
+
+    On CPU: ``use_cpu`` and no mixed precision (TRL configs default to bf16). On GPU:
+    bf16/fp16 autocast when the base's dtype asks for it. Checkpoints every
+    ``checkpoint_every`` steps, keeping the latest (Ray Train keeps its own copies).
+    """
+    return {
+        "lr_scheduler_type": "cosine",
+        "logging_steps": logging_steps,
+        "save_strategy": "steps",
+        "save_steps": checkpoint_every,
+        "save_total_limit": 1,
+        "use_cpu": not use_gpu,
+        "bf16": use_gpu and dtype == "bfloat16",
+        "fp16": use_gpu and dtype == "float16",
+        "gradient_checkpointing": False,
+        "report_to": "none",
+        "disable_tqdm": True,
+        "seed": seed,
+        "data_seed": seed,
+        "dataloader_num_workers": 0,
+        "ddp_find_unused_parameters": False,
+    }
+
+
+class ProgressCallback(TrainerCallback):
+    """Prints ``[label] step i/n loss ...`` on rank 0 every ``logging_steps``."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.started = time.monotonic()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        elapsed = time.monotonic() - self.started
+        log(
+            f"[{self.label}] step {state.global_step}/{state.max_steps} "
+            f"loss {logs['loss']:.3f} lr {logs.get('learning_rate', 0):.2e} ({elapsed:.0f}s)"
+        )
+
+
+def restore_ray_checkpoint(workdir: str) -> str | None:
+    """Copy the checkpoint Ray Train restored (after a failure or restart) into ``workdir``."""
+    import ray.train
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    target = Path(workdir, "resume")
+    with checkpoint.as_directory() as directory:
+        shutil.copytree(Path(directory, RayTrainReportCallback.CHECKPOINT_NAME), target)
+    return str(target)
