@@ -312,10 +312,7 @@ def _pole_field(
         state = "is empty" if POLE_COLUMN in values else "is missing"
         problems.append(f"field {POLE_COLUMN!r} {state}")
         return None
-    if not isinstance(value, str):
-        problems.append(
-            f"field {POLE_COLUMN!r} must be a string, got {type(value).__name__} {value!r:.40}"
-        )
+    if _text_field(values, POLE_COLUMN, problems) is None:  # not a string
         return None
     try:
         pole_id = space.pole(value).id

@@ -55,10 +55,10 @@ class RewardScorer:
         self._conditioned: dict[str, bool] = {}
         self._stats: dict[str, dict[str, float]] = {}
         model = None
-        loaded: dict[str, str] = {}  # adapter location -> adapter name
+        loaded: dict[str, tuple[str, dict[str, Any]]] = {}  # location -> (adapter name, stats)
         for pole, record in rewards.items():
             location = record["path"]
-            if location not in loaded:
+            if location not in loaded:  # a multitask adapter serves every pole: load it once
                 name = f"reward_{len(loaded)}"
                 directory = local_reference(location)
                 if not Path(directory, STATS_FILE).is_file():
@@ -70,9 +70,9 @@ class RewardScorer:
                     model = PeftModel.from_pretrained(base_model, directory, adapter_name=name)
                 else:
                     model.load_adapter(directory, adapter_name=name)
-                loaded[location] = name
-            stats = json.loads(Path(local_reference(location), STATS_FILE).read_text())
-            self._adapter_of[pole] = loaded[location]
+                loaded[location] = name, json.loads(Path(directory, STATS_FILE).read_text())
+            name, stats = loaded[location]
+            self._adapter_of[pole] = name
             self._conditioned[pole] = bool(stats.get("conditioned"))
             self._stats[pole] = stats[pole]
         self.model = model.to(device).eval()
