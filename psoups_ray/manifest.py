@@ -138,9 +138,18 @@ class Manifest:
         }
         self.save()
 
-    def complete_stage(self, name: str, section: dict[str, Any], seconds: float) -> None:
-        """Record a stage's artifacts (its manifest section) and mark it complete, in one write."""
+    def complete_stage(
+        self,
+        name: str,
+        section: dict[str, Any],
+        seconds: float,
+        extra_sections: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """Record a stage's artifacts (its manifest section, and any other sections it owns,
+        e.g. ``baselines`` for ``policies``) and mark it complete, in one write."""
         self.data[name] = section
+        for key, value in (extra_sections or {}).items():
+            self.data[key] = value
         record = self.data["stages"][name]
         record.update(status="complete", finished_at=_now(), seconds=round(seconds, 2))
         record.pop("error", None)

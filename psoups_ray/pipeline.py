@@ -46,6 +46,12 @@ def _run_rewards(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
     return run_rewards_stage(config, rundir)
 
 
+def _run_policies(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
+    from psoups_ray.rl.stage import run_policies_stage
+
+    return run_policies_stage(config, rundir)
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -56,6 +62,8 @@ class Stage:
     uses_ray: bool = True
     tracked_in: str = ""  # where the missing implementation is tracked
     check: Callable[[PsoupsConfig], None] | None = None  # preflight, before any stage runs
+    extra_sections: tuple[str, ...] = ()  # other manifest sections it writes (run returns
+    # {section: content} for its own name and each of these)
 
 
 STAGES: tuple[Stage, ...] = (
@@ -85,9 +93,9 @@ STAGES: tuple[Stage, ...] = (
         "policies",
         "one PPO LoRA policy per pole, in parallel, plus baselines",
         ("rewards",),
-        ("seed",),
-        None,
-        tracked_in="issue #4",
+        ("seed", "preferences", "policies"),
+        _run_policies,
+        extra_sections=("baselines",),
     ),
     Stage(
         "tune",
@@ -229,7 +237,10 @@ def run_pipeline(
             manifest.fail_stage(name, "".join(traceback.format_exception_only(exc)).strip())
             raise
         seconds = time.monotonic() - started
-        manifest.complete_stage(name, section, seconds)
+        extra = {key: section[key] for key in stage.extra_sections}
+        if stage.extra_sections:
+            section = section[name]
+        manifest.complete_stage(name, section, seconds, extra)
         log(f"{prefix}: done in {seconds:.0f}s")
     return manifest
 

@@ -154,3 +154,22 @@ def test_explain_documents_every_leaf_key():
     assert "base.sft.steps" in keys and "ray.dashboard_host" in keys
     undocumented = [line for line in lines if line.rstrip().endswith("):")]
     assert not undocumented, undocumented
+
+
+def test_policy_config_errors_are_clear():
+    with pytest.raises(ConfigError) as caught:
+        load_config(
+            None,
+            [
+                "policies.minibatch_size=5",
+                "policies.generation.length_range=[50, 20]",
+                "policies.baselines=[pmorl, dpo]",
+            ],
+        )
+    text = str(caught.value)
+    assert "length_range [50, 20] must be [min, max]" in text
+    assert "policies.baselines.1" in text and "'pmorl' or 'rlhf'" in text
+    with pytest.raises(ConfigError, match=r"minibatch_size \(5\) must divide rollout_batch_size"):
+        load_config(None, ["policies.minibatch_size=5"])
+    with pytest.raises(ConfigError, match="exceeds base.tiny.max_position_embeddings"):
+        load_config(None, ["policies.generation.max_new_tokens=300"])

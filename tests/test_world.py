@@ -98,10 +98,12 @@ def test_preference_pairs_chosen_has_pole_rejected_the_opposite(
     (opposite,) = set(WORLD_POLES[dimension_id]) - {pole}
     pairs = world.preference_pairs(pole, 40, seed=8)
     assert len(pairs) == 40
-    for pair in pairs:
+    for index, pair in enumerate(pairs):
         assert pair.pole == pole and pair.prompt in world.train_prompts
         assert check_attributes(pair.chosen)[dimension_id] == pole
-        assert check_attributes(pair.rejected)[dimension_id] == opposite
+        # Style pairs: every fourth rejected response mixes both styles (a hard negative).
+        mixed = dimension_id == "P3" and index % 4 == 3
+        assert check_attributes(pair.rejected)[dimension_id] == (None if mixed else opposite)
     others = [other for other in WORLD_POLES if other != dimension_id]
     shared = [
         all(check_attributes(pair.chosen)[o] == check_attributes(pair.rejected)[o] for o in others)

@@ -24,10 +24,11 @@ from typing import Any
 from psoups_ray.config import GenerationSpec, PsoupsConfig, ScalingSpec
 from psoups_ray.errors import PsoupsError
 from psoups_ray.feedback.judges import CheckerJudge, PairToJudge, PairwiseJudge, Verdict
-from psoups_ray.feedback.rows import PreferenceRow, derive_seed
+from psoups_ray.feedback.rows import PreferenceRow
 from psoups_ray.manifest import MANIFEST_NAME, Manifest
 from psoups_ray.progress import log
 from psoups_ray.rundir import RunDir, local_reference
+from psoups_ray.seeding import derive_seed
 
 MIN_JUDGE_BATCH = 32
 """Pairs judged between two progress lines (at least; more with a concurrent judge)."""

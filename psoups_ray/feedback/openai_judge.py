@@ -27,9 +27,10 @@ import httpx
 from psoups_ray.config import OpenAIJudgeSpec
 from psoups_ray.errors import PsoupsError
 from psoups_ray.feedback.judges import PairToJudge, Verdict
-from psoups_ray.feedback.rows import JUDGE_CACHE_PATH, derive_seed
+from psoups_ray.feedback.rows import JUDGE_CACHE_PATH
 from psoups_ray.preferences import PreferenceSpace
 from psoups_ray.rundir import RunDir
+from psoups_ray.seeding import derive_seed
 
 SYSTEM_PROMPT = (
     "You compare two responses to the same instruction against one criterion. "

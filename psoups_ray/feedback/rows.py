@@ -8,7 +8,6 @@ better than ``rejected``. The feedback stage writes ``feedback/train.jsonl`` and
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -17,6 +16,7 @@ from typing import Any, Literal
 
 from psoups_ray.errors import PsoupsError, StorageError
 from psoups_ray.rundir import RunDir
+from psoups_ray.seeding import derive_seed
 
 FEEDBACK_DIR = "feedback"
 TRAIN_PATH = f"{FEEDBACK_DIR}/train.jsonl"
@@ -40,12 +40,6 @@ class PreferenceRow:
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
-
-
-def derive_seed(*parts: object) -> int:
-    """A stable 31-bit seed from ``parts`` (same parts, same seed, in every process)."""
-    digest = hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).digest()
-    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
 def count_by_pole(

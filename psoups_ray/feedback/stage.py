@@ -35,13 +35,13 @@ from psoups_ray.feedback.rows import (
     TRAIN_PATH,
     PreferenceRow,
     count_by_pole,
-    derive_seed,
     rows_to_jsonl,
     split_by_prompt,
     write_rows,
 )
 from psoups_ray.progress import log
 from psoups_ray.rundir import RunDir
+from psoups_ray.seeding import derive_seed
 
 Rows = list[PreferenceRow]
 

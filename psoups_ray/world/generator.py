@@ -191,12 +191,17 @@ def _content_sentences(
     return [_render(template, topic, category, fact) for template in templates]
 
 
-def _styled(content: list[str], friendly: bool, rng: random.Random) -> str:
-    """Wrap content sentences in friendly (P3A) or unfriendly (P3B) markers."""
+def _styled(content: list[str], friendly: bool, rng: random.Random, mixed: bool = False) -> str:
+    """Wrap content sentences in friendly (P3A) or unfriendly (P3B) markers.
+
+    ``mixed``: the closer comes from the other style (markers of both: neither pole).
+    """
     if friendly:
         openers, closers, asides = _FRIENDLY_OPENERS, _FRIENDLY_CLOSERS, _FRIENDLY_ASIDES
     else:
         openers, closers, asides = _UNFRIENDLY_OPENERS, _UNFRIENDLY_CLOSERS, _UNFRIENDLY_ASIDES
+    if mixed:
+        closers = _UNFRIENDLY_CLOSERS if friendly else _FRIENDLY_CLOSERS
     sentences = list(content)
     if len(sentences) >= 3 and rng.random() < 0.5:
         sentences.insert(rng.randint(2, len(sentences) - 1), rng.choice(asides))
@@ -274,12 +279,18 @@ class TinyWorld:
                 "prompts of the tiny world (see TinyWorld.train_prompts / eval_prompts)"
             ) from None
 
-    def respond(self, prompt: str, poles: Mapping[str, str], rng: random.Random) -> str:
-        """A response to ``prompt`` that exhibits ``poles`` (one pole for each of P1, P2, P3)."""
+    def respond(
+        self, prompt: str, poles: Mapping[str, str], rng: random.Random, mixed_style: bool = False
+    ) -> str:
+        """A response to ``prompt`` that exhibits ``poles`` (one pole for each of P1, P2, P3).
+
+        ``mixed_style``: open in the P3 pole's style but close in the other one, so the
+        response shows neither P3 pole (a hard negative for style reward models).
+        """
         chosen = _validated_poles(poles)
         topic = self.topic_of(prompt)
         content = _content_sentences(topic, chosen["P1"], chosen["P2"] == "P2B", rng)
-        return _styled(content, chosen["P3"] == "P3A", rng)
+        return _styled(content, chosen["P3"] == "P3A", rng, mixed=mixed_style)
 
     def sft_examples(self, n: int, seed: int) -> list[WorldExample]:
         """``n`` examples over the training prompts, every pole drawn uniformly per dimension."""
@@ -295,10 +306,14 @@ class TinyWorld:
     def preference_pairs(
         self, pole: str, n: int, seed: int, prompts: Sequence[str] | None = None
     ) -> list[PreferencePair]:
-        """``n`` pairs where ``chosen`` exhibits ``pole`` and ``rejected`` the opposite pole.
+        """``n`` pairs where ``chosen`` exhibits ``pole`` and ``rejected`` does not.
 
-        Even-indexed pairs share the other two dimensions' poles (ceteris paribus); odd-indexed
-        pairs draw them independently for each response, so the reward cannot lean on them.
+        ``rejected`` exhibits the opposite pole, except that for a style pole (P3) every
+        fourth pair's rejected response mixes friendly and unfriendly markers (neither pole):
+        a reward model that only saw clean opposites scores such mixtures arbitrarily, and a
+        policy trained against it learns to mix. Even-indexed pairs share the other two
+        dimensions' poles (ceteris paribus); odd-indexed pairs draw them independently for
+        each response, so the reward cannot lean on them.
         """
         if pole not in _DIMENSION_OF_POLE:
             raise ValueError(f"unknown pole {pole!r} (allowed: {sorted(_DIMENSION_OF_POLE)})")
@@ -318,7 +333,10 @@ class TinyWorld:
             rejected_poles = dict(chosen_poles) if index % 2 == 0 else _random_poles(rng)
             chosen_poles[dimension_id], rejected_poles[dimension_id] = pole, opposite
             chosen = self.respond(prompt, chosen_poles, rng)
-            rejected = self.respond(prompt, rejected_poles, rng)
+            mixed = dimension_id == "P3" and index % 4 == 3
+            if mixed:  # either style may open: the policy must not learn one safe order
+                rejected_poles[dimension_id] = rng.choice([pole, opposite])
+            rejected = self.respond(prompt, rejected_poles, rng, mixed_style=mixed)
             pairs.append(PreferencePair(prompt, pole, chosen, rejected))
         return pairs
 

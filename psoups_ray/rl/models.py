@@ -1,0 +1,309 @@
+"""Policy, critic, reference and reward models of a PPO run on one frozen base.
+
+One copy of the base weights serves every role (DESIGN.md, "Training on Ray"):
+
+- policy: LoRA adapter ``default`` (so that it saves as a plain PEFT adapter directory);
+- critic: LoRA adapter ``critic`` + a linear value head on the last hidden state;
+- reference: the base with adapters disabled;
+- rewards: each pole's reward adapter (trained by the rewards stage as a sequence
+  classifier) attached as adapter ``reward_<NAME>``, its score head kept as a linear
+  layer. The reward adapter's LoRA weights live on the same backbone modules in a causal
+  LM as in a sequence classifier, so they load onto this model unchanged.
+
+Switching roles switches the active adapter; nothing is copied. The layout with four
+separate models that this replaces is in ``bench/ppo_memory.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
+from torch import nn
+
+from psoups_ray.errors import PsoupsError
+from psoups_ray.rl.ppo_math import entropy_from_logits, gather_logprobs
+
+POLICY = "default"
+CRITIC = "critic"
+SCORE_KEY_SUFFIX = ".score.weight"
+
+
+@dataclass(frozen=True)
+class RewardAdapter:
+    """A reward model of the run: adapter directory and how to read its scores."""
+
+    pole: str  # the pole it scores
+    directory: str  # local directory of the PEFT SEQ_CLS adapter + score head
+    conditioned: bool  # the pole's preference prompt is part of its input
+    score_mean: float  # held-out statistics: scores are normalised with these
+    score_std: float
+
+
+def read_reward_adapter(pole: str, directory: str) -> RewardAdapter:
+    """A reward adapter with ``pole``'s score statistics from its ``reward_stats.json``."""
+    from psoups_ray.rewards.train import STATS_FILE
+
+    stats_path = Path(directory, STATS_FILE)
+    if not stats_path.is_file():
+        raise PsoupsError(
+            f"reward adapter {directory} has no {STATS_FILE}; re-run the rewards stage with --force"
+        )
+    stats = json.loads(stats_path.read_text())
+    if pole not in stats:
+        raise PsoupsError(f"reward adapter {directory} has no statistics for pole {pole!r}")
+    return RewardAdapter(
+        pole=pole,
+        directory=directory,
+        conditioned=bool(stats.get("conditioned")),
+        score_mean=float(stats[pole]["score_mean"]),
+        score_std=max(float(stats[pole]["score_std"]), 1e-6),
+    )
+
+
+def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counting only attended tokens (left padding starts at 0): (B, L)."""
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def last_token_index(input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """The position a sequence classifier reads its score from: the last non-pad token.
+
+    The same rule as transformers' ``*ForSequenceClassification``, so scores equal those
+    of the reward model as trained. (B, L) -> (B,)
+    """
+    if pad_token_id is None:
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, dtype=torch.long)
+    positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+    return (positions * (input_ids != pad_token_id).int()).argmax(-1)
+
+
+class SharedBasePPOModels(nn.Module):
+    """Every model a PPO run needs, as adapters on one frozen causal LM.
+
+    Args:
+        base_model: the causal LM (its weights are frozen here).
+        policy_lora: the policy adapter's shape (also the critic's unless it copies a reward).
+        rewards: reward adapters by pole (poles sharing a directory, as with a multitask
+            reward model, share one attached adapter).
+        critic_from: pole whose reward adapter initialises the critic (adapter weights,
+            and the value head from its score head rescaled by the score statistics so the
+            critic starts predicting normalised scores); None: a fresh adapter, small
+            random head.
+        pad_token_id: the tokenizer's pad token (for reading reward scores).
+    """
+
+    def __init__(
+        self,
+        base_model: nn.Module,
+        policy_lora: LoraConfig,
+        rewards: Mapping[str, RewardAdapter],
+        critic_from: str | None,
+        pad_token_id: int | None,
+    ):
+        super().__init__()
+        for parameter in base_model.parameters():
+            parameter.requires_grad_(False)
+        self.pad_token_id = pad_token_id
+        self.peft: PeftModel = get_peft_model(base_model, policy_lora, adapter_name=POLICY)
+        hidden_size = base_model.config.hidden_size
+        self.score_heads = nn.ModuleDict()  # adapter name -> score head
+        self.rewards = dict(rewards)
+        self._reward_adapter_of: dict[str, str] = {}  # pole -> adapter name
+        by_directory: dict[str, str] = {}
+        for pole, adapter in self.rewards.items():
+            if adapter.directory not in by_directory:
+                name = f"reward_{len(by_directory)}"
+                self.score_heads[name] = self._attach_reward(name, adapter.directory)
+                by_directory[adapter.directory] = name
+            self._reward_adapter_of[pole] = by_directory[adapter.directory]
+        self.value_head = nn.Linear(hidden_size, 1)
+        if critic_from is not None:
+            source = self.rewards[critic_from]
+            self._attach_reward(CRITIC, source.directory)
+            with torch.no_grad():
+                head = self.score_heads[self._reward_adapter_of[critic_from]]
+                self.value_head.weight.copy_(head.weight / source.score_std)
+                self.value_head.bias.fill_(-source.score_mean / source.score_std)
+        else:  # a random head: with a zero one the fresh adapter (B = 0) gets no gradient
+            self.peft.add_adapter(CRITIC, policy_lora)
+            nn.init.normal_(self.value_head.weight, std=1.0 / (hidden_size + 1))
+            nn.init.zeros_(self.value_head.bias)
+        self.score_heads.requires_grad_(False)
+        self._policy_params = self._adapter_parameters(POLICY)
+        self._critic_params = [*self._adapter_parameters(CRITIC), *self.value_head.parameters()]
+        self.peft.eval()  # no dropout in RL: the sampled and the trained policy must agree
+        self._active: str | None = None
+        self._activate(POLICY)
+
+    # -- building ------------------------------------------------------------------
+    def _attach_reward(self, adapter_name: str, directory: str) -> nn.Linear:
+        """Load a SEQ_CLS reward adapter's LoRA weights as ``adapter_name``; return its head."""
+        config = json.loads(Path(directory, "adapter_config.json").read_text())
+        weights = load_file(str(Path(directory, "adapter_model.safetensors")))
+        score_keys = [k for k in weights if k.endswith(SCORE_KEY_SUFFIX)]
+        if len(score_keys) != 1:
+            raise PsoupsError(f"{directory} is not a reward adapter (no single score head)")
+        score = weights.pop(score_keys[0])  # (1, hidden)
+        lora = LoraConfig(
+            task_type=TaskType.CAUSAL_LM,
+            r=config["r"],
+            lora_alpha=config["lora_alpha"],
+            lora_dropout=0.0,
+            target_modules=config["target_modules"],
+        )
+        self.peft.add_adapter(adapter_name, lora)
+        result = set_peft_model_state_dict(self.peft, weights, adapter_name=adapter_name)
+        missing = [k for k in result.missing_keys if f".{adapter_name}." in k]
+        if result.unexpected_keys or missing:
+            raise PsoupsError(
+                f"reward adapter {directory} does not fit the base model: "
+                f"unexpected {result.unexpected_keys[:3]}, missing {missing[:3]}"
+            )
+        head = nn.Linear(score.shape[1], 1, bias=False)
+        with torch.no_grad():
+            head.weight.copy_(score)
+        return head
+
+    def _adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        marker = f".{adapter_name}."
+        return [p for n, p in self.peft.named_parameters() if marker in n]
+
+    def _activate(self, adapter_name: str) -> None:
+        # PEFT's set_adapter makes only the active adapter trainable; policy and critic
+        # are both trained, so their flags are restored after every switch.
+        if self._active == adapter_name:
+            return
+        self._active = adapter_name
+        self.peft.set_adapter(adapter_name)
+        for parameter in self.peft.parameters():
+            parameter.requires_grad_(False)
+        for parameter in self._policy_params + self._critic_params:
+            parameter.requires_grad_(True)
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The transformer without its LM head (e.g. ``LlamaModel``)."""
+        return self.peft.get_base_model().base_model
+
+    def policy_parameters(self) -> list[nn.Parameter]:
+        return self._policy_params
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        return self._critic_params
+
+    # -- roles -----------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        reference: bool = False,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Sample from the policy (or the reference); returns the new tokens only: (B, T)."""
+        self._activate(POLICY)
+        context = self.peft.disable_adapter() if reference else contextlib.nullcontext()
+        with context:
+            output = self.peft.generate(
+                input_ids=input_ids, attention_mask=attention_mask, **kwargs
+            )  # (B, L + T)
+        return output[:, input_ids.shape[1] :]
+
+    def _response_logits(self, input_ids, attention_mask, query_length, temperature):
+        logits = self.peft(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_for(attention_mask),
+            use_cache=False,
+        ).logits  # (B, L, V)
+        # Position i predicts token i + 1: the response's logits start one before it.
+        return logits[:, query_length - 1 : -1] / temperature  # (B, T, V)
+
+    def policy_logprobs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        query_length: int,
+        temperature: float,
+        with_entropy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """log pi(response token) and optionally the policy's entropy: (B, T) each.
+
+        ``input_ids`` is (B, L) = left-padded queries of length ``query_length`` followed by
+        right-padded responses. Differentiable when gradients are enabled.
+        """
+        self._activate(POLICY)
+        logits = self._response_logits(input_ids, attention_mask, query_length, temperature)
+        logprobs = gather_logprobs(logits, input_ids[:, query_length:])
+        entropy = entropy_from_logits(logits) if with_entropy else None
+        return logprobs, entropy
+
+    @torch.no_grad()
+    def reference_logprobs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        query_length: int,
+        temperature: float,
+    ) -> torch.Tensor:
+        """log pi_ref(response token) under the base with adapters disabled: (B, T)."""
+        with self.peft.disable_adapter():
+            logits = self._response_logits(input_ids, attention_mask, query_length, temperature)
+        return gather_logprobs(logits, input_ids[:, query_length:])
+
+    def values(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_length: int
+    ) -> torch.Tensor:
+        """V(state before each response token): (B, T). Differentiable when enabled."""
+        self._activate(CRITIC)
+        hidden = self.backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_for(attention_mask),
+            use_cache=False,
+        ).last_hidden_state  # (B, L, H)
+        hidden = hidden[:, query_length - 1 : -1].to(self.value_head.weight.dtype)  # (B, T, H)
+        return self.value_head(hidden).squeeze(-1).float()  # (B, T)
+
+    @torch.no_grad()
+    def reward_scores(
+        self, pole: str, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Raw scores of ``pole``'s reward model for right-padded texts: (B, L) -> (B,)."""
+        adapter_name = self._reward_adapter_of[pole]
+        self._activate(adapter_name)
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state  # (B, L, H)
+        last = last_token_index(input_ids, self.pad_token_id)
+        picked = hidden[torch.arange(len(hidden), device=hidden.device), last]  # (B, H)
+        head = self.score_heads[adapter_name]
+        return head(picked.to(head.weight.dtype)).squeeze(-1).float()
+
+    # -- state -----------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, Any]:
+        """Policy and critic weights (adapters + value head), for checkpoints."""
+        return {
+            "policy": [p.detach().clone() for p in self._policy_params],
+            "critic": [p.detach().clone() for p in self._critic_params],
+        }
+
+    def load_trainable_state(self, state: Mapping[str, Any]) -> None:
+        with torch.no_grad():
+            for key, params in (("policy", self._policy_params), ("critic", self._critic_params)):
+                if len(state[key]) != len(params):
+                    raise PsoupsError(f"checkpoint's {key} does not match this model's shape")
+                for parameter, saved in zip(params, state[key], strict=True):
+                    parameter.copy_(saved)
+
+    def save_policy(self, directory: str | Path) -> None:
+        """The policy adapter as a plain PEFT directory (``PeftModel.from_pretrained``)."""
+        self.peft.save_pretrained(str(directory), selected_adapters=[POLICY])

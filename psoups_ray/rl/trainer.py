@@ -1,0 +1,449 @@
+"""PPO for a LoRA policy: rollouts, per-token KL-penalised rewards, GAE, clipped updates.
+
+One :meth:`PPOTrainer.step` = sample a rollout batch from the policy, score it, then
+``ppo_epochs`` passes of clipped policy and value updates over shuffled minibatches
+(Schulman et al. 2017; the RLHF recipe of Ziegler et al. 2019 and Ouyang et al. 2022).
+It runs without Ray; under Ray Train several workers each sample their own rollouts and
+average gradients (one all-reduce per optimizer step), and statistics such as advantage
+whitening and the KL controller use every worker's data.
+
+The models come from :class:`psoups_ray.rl.models.SharedBasePPOModels` (or anything with
+the same methods); the reward of a response is a callable, so one trainer serves a pole's
+policy, P-MORL and the single-reward baseline.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from psoups_ray.config import PolicyConfig
+from psoups_ray.prompting import adds_special_tokens, format_prompt
+from psoups_ray.rl.ppo_math import (
+    AdaptiveKLController,
+    FixedKLController,
+    RunningMoments,
+    gae,
+    kl_penalty,
+    masked_mean,
+    masked_whiten,
+    policy_loss,
+    response_mask,
+    token_rewards,
+    value_loss,
+)
+from psoups_ray.seeding import derive_seed
+
+
+@dataclass(frozen=True)
+class Query:
+    """One episode's input: the instruction, what is appended to it, what rewards it."""
+
+    prompt: str  # the raw instruction
+    preference_prompt: str | None  # appended to the instruction in the policy's input
+    poles: tuple[str, ...]  # the reward is the mean of these poles' normalised rewards
+
+
+RewardFn = Callable[[Sequence[Query], Sequence[str]], torch.Tensor]
+"""(queries, response texts) -> normalised scores, shape (B,)."""
+
+
+@dataclass
+class Rollout:
+    """A scored rollout batch. L = query length Q + response length T."""
+
+    input_ids: torch.Tensor  # (B, L) left-padded queries, then right-padded responses
+    attention_mask: torch.Tensor  # (B, L) 0 on padding and on tokens after EOS
+    query_length: int  # Q
+    mask: torch.Tensor  # (B, T) 1 on response tokens up to and including EOS
+    logprobs: torch.Tensor  # (B, T) log pi_old(token)
+    ref_logprobs: torch.Tensor  # (B, T) log pi_ref(token)
+    values: torch.Tensor  # (B, T) V_old(state before token)
+    scores: torch.Tensor  # (B,) reward-model score after normalisation and shaping
+    kl: torch.Tensor  # (B, T) per-token KL estimate
+    advantages: torch.Tensor  # (B, T)
+    returns: torch.Tensor  # (B, T)
+    texts: list[str]  # decoded responses
+    stats: dict[str, float]  # rollout statistics (means over this worker's batch)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def average_gradients(parameters: Sequence[torch.nn.Parameter]) -> None:
+    """Data parallelism: average every worker's gradients with one flat all-reduce."""
+    world_size = _world_size()
+    if world_size == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world_size
+    offset = 0
+    for parameter, grad in zip(parameters, grads, strict=True):
+        count = grad.numel()
+        parameter.grad = flat[offset : offset + count].view_as(grad).clone()
+        offset += count
+
+
+def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Average scalar statistics over the data-parallel workers (one all-reduce)."""
+    world_size = _world_size()
+    if world_size == 1 or not values:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return {k: float(v) / world_size for k, v in zip(keys, tensor.tolist(), strict=True)}
+
+
+class PPOTrainer:
+    """PPO on :class:`SharedBasePPOModels` with the settings of ``spec``.
+
+    Args:
+        models: policy/critic/reference/reward roles (see :mod:`psoups_ray.rl.models`).
+        tokenizer: the base's tokenizer.
+        spec: the ``policies`` config section.
+        reward_fn: scores (queries, responses); already normalised per pole.
+        device: where tensors live.
+        seed: seeds sampling (combined with the step and the worker's rank).
+    """
+
+    def __init__(
+        self,
+        models,
+        tokenizer,
+        spec: PolicyConfig,
+        reward_fn: RewardFn,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        autocast_dtype: torch.dtype | None = None,
+    ):
+        self.models = models
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.reward_fn = reward_fn
+        self.device = torch.device(device)
+        self.seed = seed
+        self.autocast_dtype = autocast_dtype
+        self.actor_optimizer = torch.optim.AdamW(
+            models.policy_parameters(), lr=spec.learning_rate, weight_decay=0.0
+        )
+        self.critic_optimizer = torch.optim.AdamW(
+            models.critic_parameters(), lr=spec.critic_learning_rate, weight_decay=0.0
+        )
+        self.kl_controller = (
+            AdaptiveKLController(spec.kl_coef, spec.target_kl, spec.kl_horizon)
+            if spec.target_kl is not None
+            else FixedKLController(spec.kl_coef)
+        )
+        self.score_moments = RunningMoments()
+        self.steps_done = 0
+
+    # -- sampling ------------------------------------------------------------------
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def encode_queries(self, queries: Sequence[Query]) -> dict[str, torch.Tensor]:
+        """Left-padded query tokens: input_ids and attention_mask, (B, Q)."""
+        texts = [format_prompt(self.tokenizer, q.prompt, q.preference_prompt) for q in queries]
+        padding_side, truncation_side = self.tokenizer.padding_side, self.tokenizer.truncation_side
+        self.tokenizer.padding_side = self.tokenizer.truncation_side = "left"
+        try:
+            encoded = self.tokenizer(
+                texts,
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=self.spec.max_prompt_length,
+                add_special_tokens=adds_special_tokens(self.tokenizer),
+            )
+        finally:
+            self.tokenizer.padding_side, self.tokenizer.truncation_side = (
+                padding_side,
+                truncation_side,
+            )
+        return {k: v.to(self.device) for k, v in encoded.items() if k != "token_type_ids"}
+
+    def sample(
+        self,
+        queries: Sequence[Query],
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int,
+        reference: bool = False,
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(encoded queries, response token ids (B, T)) sampled from the policy or reference."""
+        encoded = self.encode_queries(queries)
+        state = torch.random.get_rng_state()
+        cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        torch.manual_seed(seed)
+        try:
+            with self._autocast():
+                responses = self.models.generate(
+                    encoded["input_ids"],
+                    encoded["attention_mask"],
+                    reference=reference,
+                    do_sample=True,
+                    temperature=temperature,
+                    top_p=top_p,
+                    top_k=0,  # sample the full distribution: the logprobs PPO uses
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    eos_token_id=self.tokenizer.eos_token_id,
+                )
+        finally:
+            torch.random.set_rng_state(state)
+            if cuda_state is not None:
+                torch.cuda.set_rng_state_all(cuda_state)
+        return encoded, responses
+
+    def decode(self, responses: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        lengths = mask.sum(dim=1).long().tolist()
+        return [
+            self.tokenizer.decode(row[:length], skip_special_tokens=True).strip()
+            for row, length in zip(responses.tolist(), lengths, strict=True)
+        ]
+
+    def rollout_length(self, step: int) -> int:
+        """max_new_tokens of a step's rollouts: fixed, or drawn from ``length_range``."""
+        generation = self.spec.generation
+        if generation.length_range is None:
+            return generation.max_new_tokens
+        low, high = generation.length_range
+        return random.Random(derive_seed(self.seed, "length", step)).randint(low, high)
+
+    # -- rollout -------------------------------------------------------------------
+    def _forward_in_chunks(self, function, *tensors, chunk: int):
+        outputs = [
+            function(*(t[i : i + chunk] for t in tensors)) for i in range(0, len(tensors[0]), chunk)
+        ]
+        if isinstance(outputs[0], tuple):
+            return tuple(torch.cat(parts) for parts in zip(*outputs, strict=True))
+        return torch.cat(outputs)
+
+    @torch.no_grad()
+    def rollout(self, queries: Sequence[Query], step: int, rank: int = 0) -> Rollout:
+        """Sample, score and compute advantages for one batch of queries."""
+        spec, generation = self.spec, self.spec.generation
+        encoded, responses = self.sample(
+            queries,
+            self.rollout_length(step),
+            generation.temperature,
+            generation.top_p,
+            seed=derive_seed(self.seed, "rollout", step, rank),
+        )
+        query_length = encoded["input_ids"].shape[1]
+        mask = response_mask(responses, self.tokenizer.eos_token_id).to(self.device)  # (B, T)
+        input_ids = torch.cat([encoded["input_ids"], responses], dim=1)  # (B, Q + T)
+        attention_mask = torch.cat([encoded["attention_mask"], mask.long()], dim=1)
+        texts = self.decode(responses, mask)
+        has_eos = (mask.sum(dim=1) < responses.shape[1]) | (
+            responses[:, -1] == self.tokenizer.eos_token_id
+        )
+
+        chunk = spec.minibatch_size
+        with self._autocast():
+            logprobs, entropy = self._forward_in_chunks(
+                lambda ids, am: self.models.policy_logprobs(
+                    ids, am, query_length, generation.temperature, with_entropy=True
+                ),
+                input_ids,
+                attention_mask,
+                chunk=chunk,
+            )
+            ref_logprobs = self._forward_in_chunks(
+                lambda ids, am: self.models.reference_logprobs(
+                    ids, am, query_length, generation.temperature
+                ),
+                input_ids,
+                attention_mask,
+                chunk=chunk,
+            )
+            values = self._forward_in_chunks(
+                lambda ids, am: self.models.values(ids, am, query_length),
+                input_ids,
+                attention_mask,
+                chunk=chunk,
+            )
+        raw_scores = self.reward_fn(queries, texts).to(self.device).float()  # (B,)
+
+        scores = raw_scores
+        if spec.reward_normalization == "running":
+            self.score_moments.update(raw_scores, across_ranks=True)
+            scores = (raw_scores - self.score_moments.mean) / max(self.score_moments.std, 1e-6)
+        scores = scores * spec.reward_scale
+        if spec.reward_clip is not None:
+            scores = scores.clamp(-spec.reward_clip, spec.reward_clip)
+        if spec.missing_eos_penalty is not None:
+            scores = scores - spec.missing_eos_penalty * (~has_eos).float()
+
+        kl = kl_penalty(logprobs, ref_logprobs, spec.kl_estimator) * mask  # (B, T)
+        rewards = token_rewards(scores, kl, self.kl_controller.value, mask)
+        values = values * mask
+        advantages, returns = gae(rewards, values, mask, spec.gamma, spec.lam)
+        if spec.whiten_advantages:
+            advantages = masked_whiten(advantages, mask, across_ranks=True)
+        lengths = mask.sum(dim=1)
+        stats = {
+            "reward": float(raw_scores.mean()),
+            "score": float(scores.mean()),
+            "kl": float(kl.sum(dim=1).mean()),
+            "entropy": float(masked_mean(entropy, mask)),
+            "response_length": float(lengths.mean()),
+            "eos_fraction": float(has_eos.float().mean()),
+            "value_mean": float(masked_mean(values, mask)),
+            "return_mean": float(masked_mean(returns, mask)),
+        }
+        return Rollout(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            query_length=query_length,
+            mask=mask,
+            logprobs=logprobs,
+            ref_logprobs=ref_logprobs,
+            values=values,
+            scores=scores,
+            kl=kl,
+            advantages=advantages,
+            returns=returns,
+            texts=texts,
+            stats=stats,
+        )
+
+    # -- update --------------------------------------------------------------------
+    def _optimizer_step(self, loss, optimizer, parameters) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        average_gradients(parameters)
+        norm = torch.nn.utils.clip_grad_norm_(parameters, self.spec.max_grad_norm)
+        optimizer.step()
+        return float(norm)
+
+    def update(self, rollout: Rollout, step: int) -> dict[str, float]:
+        """``ppo_epochs`` passes of clipped policy and value updates over minibatches.
+
+        Stops early (every worker together) once the mean approximate KL between the
+        rollout policy and the updated one passes ``stop_kl``.
+        """
+        spec = self.spec
+        totals: dict[str, float] = {}
+        updates = 0
+        stopped_early = False
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "minibatch", step))
+        for _ in range(spec.ppo_epochs):
+            order = torch.randperm(len(rollout), generator=generator)
+            for start in range(0, len(rollout), spec.minibatch_size):
+                index = order[start : start + spec.minibatch_size].to(self.device)
+                ids, am, mask = (
+                    rollout.input_ids[index],
+                    rollout.attention_mask[index],
+                    rollout.mask[index],
+                )
+                with self._autocast():
+                    logprobs, entropy = self.models.policy_logprobs(
+                        ids,
+                        am,
+                        rollout.query_length,
+                        spec.generation.temperature,
+                        with_entropy=spec.entropy_coef > 0,
+                    )
+                    pg_loss, pg_stats = policy_loss(
+                        logprobs,
+                        rollout.logprobs[index],
+                        rollout.advantages[index],
+                        mask,
+                        spec.clip_range,
+                    )
+                    loss = pg_loss
+                    if entropy is not None:
+                        loss = loss - spec.entropy_coef * masked_mean(entropy, mask)
+                actor_norm = self._optimizer_step(
+                    loss, self.actor_optimizer, self.models.policy_parameters()
+                )
+                with self._autocast():
+                    values = self.models.values(ids, am, rollout.query_length)
+                    vf_loss, vf_stats = value_loss(
+                        values,
+                        rollout.values[index],
+                        rollout.returns[index],
+                        mask,
+                        spec.value_clip_range,
+                    )
+                critic_norm = self._optimizer_step(
+                    vf_loss, self.critic_optimizer, self.models.critic_parameters()
+                )
+                batch_stats = {
+                    "policy_loss": float(pg_loss),
+                    "value_loss": float(vf_loss),
+                    "clip_fraction": float(pg_stats["clip_fraction"]),
+                    "approx_kl": float(pg_stats["approx_kl"]),
+                    "value_clip_fraction": float(vf_stats["value_clip_fraction"]),
+                    "policy_grad_norm": actor_norm,
+                    "value_grad_norm": critic_norm,
+                }
+                for key, value in batch_stats.items():
+                    totals[key] = totals.get(key, 0.0) + value
+                updates += 1
+                if spec.stop_kl is not None:
+                    approx_kl = mean_across_ranks({"kl": batch_stats["approx_kl"]})["kl"]
+                    if approx_kl > spec.stop_kl:
+                        stopped_early = True
+                        break
+            if stopped_early:
+                break
+        metrics = {key: value / max(updates, 1) for key, value in totals.items()}
+        metrics["minibatch_updates"] = float(updates)
+        metrics["stopped_early"] = float(stopped_early)
+        return metrics
+
+    def step(self, queries: Sequence[Query], rank: int = 0) -> dict[str, float]:
+        """One PPO iteration; returns its metrics averaged over the workers."""
+        started = time.monotonic()
+        step = self.steps_done
+        rollout = self.rollout(queries, step, rank)
+        rollout_seconds = time.monotonic() - started
+        metrics = {**rollout.stats, **self.update(rollout, step)}
+        metrics["kl_coef"] = self.kl_controller.value
+        metrics = mean_across_ranks(metrics)
+        # Ziegler et al.'s controller reads the per-sequence KL of the batch just sampled.
+        self.kl_controller.update(metrics["kl"], len(queries) * _world_size())
+        self.steps_done += 1
+        metrics["rollout_seconds"] = rollout_seconds
+        metrics["step_seconds"] = time.monotonic() - started
+        metrics["step"] = float(self.steps_done)
+        return metrics
+
+    # -- checkpoints ---------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "models": self.models.trainable_state(),
+            "actor_optimizer": self.actor_optimizer.state_dict(),
+            "critic_optimizer": self.critic_optimizer.state_dict(),
+            "kl_controller": self.kl_controller.state_dict(),
+            "score_moments": self.score_moments.state_dict(),
+            "steps_done": self.steps_done,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.models.load_trainable_state(state["models"])
+        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
+        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        self.score_moments.load_state_dict(state["score_moments"])
+        self.steps_done = int(state["steps_done"])

@@ -1,0 +1,231 @@
+"""PPO policies for real: our PPO on a shared LoRA base inside concurrent Ray Train runs.
+
+One smoke run (style poles only, to keep it short) goes through base, feedback, rewards and
+policies; the tests read it or copy it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from psoups_ray.config import SMOKE_TEST_OVERRIDES, load_config
+from psoups_ray.manifest import Manifest
+from psoups_ray.pipeline import run_pipeline
+from psoups_ray.preferences import PreferenceSpaceSpec
+from psoups_ray.rewards import RewardScorer
+from psoups_ray.rl.job import build_trainer, sample_queries
+from psoups_ray.rl.stage import policy_jobs
+from psoups_ray.rundir import RunDir
+
+pytestmark = pytest.mark.integration
+
+HISTORY_KEYS = {"reward", "kl", "entropy", "value_loss", "clip_fraction", "response_length"}
+
+
+def _config(*overrides: str):
+    config = load_config(None, [*SMOKE_TEST_OVERRIDES, "feedback.pairs_per_pole=60", *overrides])
+    style = [d for d in config.preferences.dimensions if d.id == "P3"]
+    config.preferences = PreferenceSpaceSpec(dimensions=style)
+    return config
+
+
+@pytest.fixture(scope="module")
+def policy_run(ray_cluster, tmp_path_factory):
+    out = tmp_path_factory.mktemp("policies") / "run"
+    manifest = run_pipeline(_config(), str(out), ["policies"])
+    return out, manifest
+
+
+def test_every_pole_and_baseline_is_trained_and_recorded(policy_run):
+    out, manifest = policy_run
+    assert manifest.is_complete("policies")
+    policies, baselines = manifest.data["policies"], manifest.data["baselines"]
+    assert sorted(policies) == ["P3A", "P3B"]
+    assert sorted(baselines) == ["pmorl", "rlhf"]
+    for name, record in [*policies.items(), *baselines.items()]:
+        assert Path(record["path"], "adapter_config.json").is_file(), name
+        metrics = record["metrics"]
+        assert metrics["steps"] == 3 and metrics["resumed_from_step"] == 0
+        held_out = metrics["eval"]
+        assert held_out["num_prompts"] == 8
+        for which in ("policy", "base"):
+            assert set(held_out[which]["target_rates"]) <= {"P3A", "P3B"}
+        assert held_out["policy"]["kl_to_reference"] == held_out["policy"]["kl_to_reference"]
+        history = json.loads(Path(record["path"]).parent.joinpath("metrics.json").read_text())
+        assert len(history["history"]) == 3
+        assert HISTORY_KEYS <= set(history["history"][0]), name
+    # P-MORL asks for one combination per query; the single-reward baseline for every pole.
+    assert baselines["pmorl"]["kind"] == "pmorl"
+    assert set(baselines["rlhf"]["metrics"]["eval"]["policy"]["target_rates"]) == {"P3A", "P3B"}
+    assert "success_rate" not in baselines["rlhf"]["metrics"]["eval"]["policy"]
+
+
+def test_the_runs_executed_concurrently(policy_run):
+    _, manifest = policy_run
+    records = {
+        **manifest.data["policies"],
+        **{f"baseline {k}": v for k, v in manifest.data["baselines"].items()},
+    }
+    spans = {
+        name: (r["metrics"]["started_at"], r["metrics"]["finished_at"])
+        for name, r in records.items()
+    }
+    # The two poles' runs are launched first and together; they train at the same time.
+    (start_a, end_a), (start_b, end_b) = spans["P3A"], spans["P3B"]
+    assert max(start_a, start_b) < min(end_a, end_b), spans
+    # Ray starts worker processes a few at a time, so later launches may begin as the first
+    # end; still, every run overlaps at least one other.
+    for name, (start, end) in spans.items():
+        others = [s for other, s in spans.items() if other != name]
+        assert any(max(start, s) < min(end, e) for s, e in others), (name, spans)
+
+
+def test_policy_adapter_loads_with_plain_peft(policy_run):
+    out, manifest = policy_run
+    adapter = manifest.data["policies"]["P3A"]["path"]
+    base = manifest.data["base"]["model_path"]
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from peft import PeftModel
+        assert not any(name.startswith("psoups_ray") for name in sys.modules)
+        tokenizer = AutoTokenizer.from_pretrained({adapter!r})
+        base = AutoModelForCausalLM.from_pretrained({base!r})
+        ids = tokenizer("What is salt?", return_tensors="pt").input_ids
+        with torch.no_grad():
+            before = base(ids).logits
+            model = PeftModel.from_pretrained(base, {adapter!r})
+            after = model(ids).logits
+        trained = [p for n, p in model.named_parameters() if "lora_B" in n]
+        assert trained and all(p.abs().sum() > 0 for p in trained)  # B starts at zero
+        print("max_logit_change", float((after - before).abs().max()))
+    """)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert float(result.stdout.split()[-1]) > 1e-4
+
+
+def test_ppo_step_trains_only_the_adapters_and_scores_like_the_reward_models(policy_run):
+    """Without Ray: the shared-base roles agree with the standalone models they replace."""
+    out, _ = policy_run
+    config = _config("policies.critic_init=fresh")
+    rundir = RunDir(out)
+    job = policy_jobs(config, rundir, ["P3A"])[0]
+    torch.manual_seed(0)
+    trainer = build_trainer(job, torch.device("cpu"))
+    models = trainer.models
+    queries = sample_queries(job, step=0, rank=0, count=4)
+
+    # Rewards read through the shared base equal the reward models loaded on their own.
+    texts = ["Hi there, my friend! Salt is a mineral. Hope this helps!", "Obviously. Salt."] * 2
+    scorer = RewardScorer.from_run(rundir)
+    expected = scorer.score("P3A", [q.prompt for q in queries], texts)
+    assert torch.allclose(trainer.reward_fn(queries, texts), expected, atol=1e-4)
+
+    # A fresh LoRA policy is the reference (B = 0), token for token.
+    encoded, responses = trainer.sample(queries, 24, 1.0, 1.0, seed=0)
+    ids = torch.cat([encoded["input_ids"], responses], dim=1)
+    attention = torch.ones_like(ids)
+    attention[:, : encoded["input_ids"].shape[1]] = encoded["attention_mask"]
+    query_length = encoded["input_ids"].shape[1]
+    policy, _ = models.policy_logprobs(ids, attention, query_length, 1.0)
+    reference = models.reference_logprobs(ids, attention, query_length, 1.0)
+    assert torch.allclose(policy, reference, atol=1e-5)
+
+    frozen = {n: p.detach().clone() for n, p in models.peft.named_parameters() if "lora" not in n}
+    rewards_before = {
+        n: p.detach().clone() for n, p in models.peft.named_parameters() if "reward_" in n
+    }
+    trainable = {
+        id(p): p.detach().clone() for p in models.policy_parameters() + models.critic_parameters()
+    }
+    metrics = trainer.step(queries)
+    assert HISTORY_KEYS <= set(metrics)
+    trainer.step(sample_queries(job, step=1, rank=0, count=4))  # LoRA A moves once B != 0
+    for parameter in models.policy_parameters() + models.critic_parameters():
+        assert not torch.equal(parameter, trainable[id(parameter)])
+    for name, parameter in models.peft.named_parameters():
+        if name in frozen:
+            assert torch.equal(parameter, frozen[name]), name
+        if name in rewards_before:
+            assert torch.equal(parameter, rewards_before[name]), name
+
+
+def _live_train_workers() -> list[int]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], limit=100
+    )
+    return [actor.pid for actor in actors if actor.pid]
+
+
+def test_killed_worker_resumes_from_its_checkpoint(policy_run, tmp_path):
+    source, _ = policy_run
+    out = tmp_path / "run"
+    shutil.copytree(source, out)
+    shutil.rmtree(out / "ray" / "policies")  # only checkpoints of this test's runs count
+    # Two data-parallel workers per run, so the run also exercises gradient averaging.
+    config = _config(
+        "policies.steps=8",
+        "policies.checkpoint_every=2",
+        "policies.baselines=[]",
+        "policies.resources.num_workers=2",
+    )
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            run_pipeline(config, str(out), ["policies"], force=True)
+        except BaseException as exc:  # surfaced by the assertion below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    # Ray Train lists a checkpoint in this snapshot once every worker has reported it.
+    snapshots = [
+        out / "ray" / "policies" / pole / "checkpoint_manager_snapshot.json"
+        for pole in ("P3A", "P3B")
+    ]
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and thread.is_alive():
+        if all(snapshot.is_file() for snapshot in snapshots):
+            break  # both runs hold a registered checkpoint (iteration 2 or later)
+        time.sleep(0.2)
+    workers = _live_train_workers()
+    assert workers, "no training worker to kill"
+    os.kill(workers[0], signal.SIGKILL)
+    thread.join(timeout=600)
+    assert not thread.is_alive() and not errors, errors
+    policies = Manifest.load(RunDir(out)).data["policies"]
+    resumed = {pole: r["metrics"]["resumed_from_step"] for pole, r in policies.items()}
+    assert all(r["metrics"]["steps"] == 8 for r in policies.values())
+    assert any(step >= 2 for step in resumed.values()), resumed
+    for record in policies.values():
+        history = json.loads(Path(record["path"]).parent.joinpath("metrics.json").read_text())
+        assert [int(m["step"]) for m in history["history"]] == list(range(1, 9))
+
+
+def test_jobs_script_runs_the_stage_help():
+    result = subprocess.run(
+        [sys.executable, "jobs/policies.py", "--help"],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0 and "policies" in result.stdout
