@@ -82,6 +82,36 @@ def build_parser() -> argparse.ArgumentParser:
         )
         _add_run_args(sub)
 
+    merge = commands.add_parser(
+        "merge",
+        help="merge a run's pole policies for one combination (a soup) into an adapter/model",
+        description="Soup the pole policies of a combination: weights default to the tuned "
+        "weights in the manifest, else uniform. The result loads with plain PEFT/transformers.",
+    )
+    merge.add_argument("--run", required=True, metavar="RUN", help="run directory")
+    merge.add_argument("--combo", required=True, help="combination, e.g. P1A+P2B+P3A")
+    merge.add_argument("--weights", help="per-pole weights, e.g. P1A=0.5,P2B=0.3,P3A=0.2")
+    merge.add_argument(
+        "--method",
+        default="delta",
+        choices=["delta", "factor", "ties", "dare_linear", "dare_ties", "svd"],
+        help="delta: exact weighted sum of updates (default); factor: average A and B "
+        "separately (the paper's code); others: PEFT's add_weighted_adapter",
+    )
+    merge.add_argument(
+        "--export",
+        default="adapter",
+        choices=["adapter", "model"],
+        help="a PEFT adapter directory, or a merged full model directory",
+    )
+    merge.add_argument(
+        "--density", type=float, default=0.5, help="ties/dare: share of weights kept"
+    )
+    merge.add_argument(
+        "--allow-negative", action="store_true", help="accept negative weights (extrapolation)"
+    )
+    merge.add_argument("--out", required=True, metavar="DIR", help="new output directory")
+
     config = commands.add_parser(
         "config", help="print the resolved configuration, or --explain every key"
     )
@@ -94,6 +124,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _command(args: argparse.Namespace) -> int:
     from psoups_ray.config import SMOKE_TEST_OVERRIDES, explain, load_config
+
+    if args.command == "merge":
+        from psoups_ray.soup.export import make_soup, parse_weights
+
+        if not 0 < args.density <= 1:
+            raise PsoupsError(f"--density must be in (0, 1], got {args.density}")
+        make_soup(
+            args.run,
+            args.combo,
+            args.out,
+            parse_weights(args.weights),
+            args.method,
+            args.export,
+            args.density,
+            args.allow_negative,
+        )
+        return 0
 
     if args.command == "config" and args.explain:
         print("\n".join(explain()))

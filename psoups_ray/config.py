@@ -291,8 +291,8 @@ class RewardsConfig(StrictModel):
 class RolloutGenerationSpec(StrictModel):
     """How PPO samples its rollouts."""
 
-    max_new_tokens: int = Field(default=160, ge=1)
-    """Longest response, in tokens."""
+    max_new_tokens: int = Field(default=192, ge=1)
+    """Longest response, in tokens (as ``base.sample``: truncated rollouts are scored cut)."""
     length_range: tuple[int, int] | None = None
     """``[min, max]``: each rollout batch draws its response length limit uniformly from
     this range (the paper's ``LengthSampler``); max <= ``max_new_tokens``. Empty: always
@@ -322,7 +322,7 @@ class PolicyConfig(StrictModel):
 
     lora: LoraSpec = Field(default_factory=LoraSpec)
     """The policy adapter's shape (the critic's too when ``critic_init`` is ``fresh``)."""
-    steps: int = Field(default=12, ge=1)
+    steps: int = Field(default=16, ge=1)
     """PPO iterations: each samples ``rollout_batch_size`` queries per worker and updates."""
     rollout_batch_size: int = Field(default=32, ge=1)
     """Queries sampled per iteration per worker."""
@@ -394,7 +394,7 @@ class PolicyConfig(StrictModel):
     logging_steps: int = Field(default=1, ge=1)
     """Print a progress line every N iterations."""
     resources: ScalingSpec = Field(
-        default_factory=lambda: ScalingSpec(num_workers=1, cpus_per_worker=0.25)
+        default_factory=lambda: ScalingSpec(num_workers=1, cpus_per_worker=0.5)
     )
     """Resources of each run (runs for all poles and baselines launch together and queue
     when the cluster is full)."""

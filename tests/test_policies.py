@@ -229,3 +229,48 @@ def test_jobs_script_runs_the_stage_help():
         timeout=120,
     )
     assert result.returncode == 0 and "policies" in result.stdout
+
+
+def test_merge_command_exports_the_soup_as_adapter_and_model(policy_run, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from psoups_ray.__main__ import main
+
+    out, manifest = policy_run
+    base = manifest.data["base"]["model_path"]
+    policy_dir = manifest.data["policies"]["P3A"]["path"]
+    assert main(["merge", "--run", str(out), "--combo", "p3a", "--out", str(tmp_path / "a")]) == 0
+    code = main(
+        [
+            "merge",
+            "--run",
+            str(out),
+            "--combo",
+            "P3A",
+            "--export",
+            "model",
+            "--out",
+            str(tmp_path / "m"),
+        ]
+    )
+    assert code == 0
+    ids = torch.tensor([[5, 17, 40, 3, 9]])
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), policy_dir)
+        reference = expected(input_ids=ids).logits
+        soup = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "a")
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+        assert torch.allclose(soup(input_ids=ids).logits, reference, atol=1e-5)
+        assert torch.allclose(merged(input_ids=ids).logits, reference, atol=1e-4)
+    capsys.readouterr()
+    for args, message in [
+        (["--combo", "P3A+P3B"], "P3A"),  # two poles of one dimension
+        (["--combo", "P9Z"], "unknown pole"),
+        (["--combo", "P3A", "--weights", "P3B=1"], "not in the combination"),
+        (["--combo", "P3A", "--weights", "P3A=-1"], "--allow-negative"),
+    ]:
+        code = main(["merge", "--run", str(out), "--out", str(tmp_path / "x"), *args])
+        assert code == 2 and message in capsys.readouterr().err, args
+    code = main(["merge", "--run", str(out), "--combo", "P3A", "--out", str(tmp_path / "a")])
+    assert code == 2 and "not empty" in capsys.readouterr().err

@@ -29,7 +29,12 @@ from psoups_ray.base.model import DTYPES, load_tokenizer
 from psoups_ray.config import BaseConfig, RewardsConfig
 from psoups_ray.progress import log
 from psoups_ray.rundir import RunDir, local_reference
-from psoups_ray.training import ProgressCallback, restore_ray_checkpoint, trainer_kwargs
+from psoups_ray.training import (
+    ProgressCallback,
+    restore_ray_checkpoint,
+    threads_for_worker,
+    trainer_kwargs,
+)
 
 STATS_FILE = "reward_stats.json"
 
@@ -256,4 +261,6 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def reward_train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train per-worker entry point: ``loop_config = {"job": RewardJob}``."""
-    run_reward_training(loop_config["job"], under_ray=True)
+    job = loop_config["job"]
+    threads_for_worker(job.rewards.resources.cpus_per_worker)
+    run_reward_training(job, under_ray=True)

@@ -32,6 +32,7 @@ from psoups_ray.rl.ppo_math import response_mask
 from psoups_ray.rl.trainer import PPOTrainer, Query, RewardFn
 from psoups_ray.rundir import RunDir, local_reference
 from psoups_ray.seeding import derive_seed
+from psoups_ray.training import threads_for_worker
 
 STATE_FILE = "ppo_state.pt"
 EpisodeKind = tuple[tuple[str, ...], str | None]  # (poles rewarded, preference prompt)
@@ -407,4 +408,6 @@ def _log_eval(job: PolicyJob, result: dict[str, Any]) -> None:
 
 def policy_train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train per-worker entry point: ``loop_config = {"job": PolicyJob}``."""
-    run_policy_training(loop_config["job"], under_ray=True)
+    job = loop_config["job"]
+    threads_for_worker(job.policy.resources.cpus_per_worker)
+    run_policy_training(job, under_ray=True)

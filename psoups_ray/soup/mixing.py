@@ -1,0 +1,146 @@
+"""Exact soups in activation space, with per-row weights.
+
+For the ``delta`` soup of N LoRA adapters with weights w, every targeted linear layer
+computes W' x = W0 x + sum_i w_i * s_i * B_i (A_i x) (s_i = the adapter's scale). That is
+the merged model exactly, needs no merge step, and lets one batch hold rows with
+different weight vectors: row b uses w[b]. Serving and tuning use this.
+
+    mixer = attach_mixing(model, [adapter_1, adapter_2])   # replaces targeted nn.Linear
+    with mixer.weights(torch.tensor([[0.7, 0.3], [0.0, 1.0]])):   # (batch, N)
+        logits = model(input_ids).logits                          # rows mix differently
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from psoups_ray.errors import PsoupsError
+from psoups_ray.soup.adapters import LoraAdapter
+
+
+class _MixState:
+    """The weights every mixing layer of one model reads: (batch, N) or None."""
+
+    def __init__(self):
+        self.weights: torch.Tensor | None = None  # (rows, N)
+        self.broadcast = False  # one weight vector for every row
+
+
+class LoraMixingLinear(nn.Module):
+    """``base(x) + sum_i w[row, i] * s_i * B_i(A_i x)`` for a frozen base linear layer."""
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        factors: Sequence[tuple[torch.Tensor, torch.Tensor, float] | None],
+        state: _MixState,
+    ):
+        super().__init__()
+        self.base = base
+        self.state = state
+        self.lora_a = nn.ParameterList()
+        self.lora_b = nn.ParameterList()
+        self.present: list[int] = []  # adapter indices that adapt this layer
+        self.scales: list[float] = []
+        for index, factor in enumerate(factors):
+            if factor is None:
+                continue
+            a, b, scale = factor
+            if a.shape[1] != base.in_features or b.shape[0] != base.out_features:
+                raise PsoupsError(
+                    f"adapter {index} does not fit a ({base.out_features}, {base.in_features}) "
+                    f"layer: A {tuple(a.shape)}, B {tuple(b.shape)}"
+                )
+            dtype, device = base.weight.dtype, base.weight.device
+            self.lora_a.append(nn.Parameter(a.to(device, dtype), requires_grad=False))
+            self.lora_b.append(nn.Parameter(b.to(device, dtype), requires_grad=False))
+            self.present.append(index)
+            self.scales.append(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, ..., in)
+        out = self.base(x)  # (batch, ..., out)
+        weights = self.state.weights
+        if weights is None:
+            return out
+        if self.state.broadcast:
+            weights = weights.expand(x.shape[0], -1)
+        elif weights.shape[0] != x.shape[0]:
+            raise PsoupsError(
+                f"mixing weights are for {weights.shape[0]} rows but the batch has {x.shape[0]}"
+            )
+        extra_dims = (1,) * (x.dim() - 2)
+        for slot, index in enumerate(self.present):
+            row_weight = weights[:, index].to(out.dtype) * self.scales[slot]  # (batch,)
+            if not torch.any(row_weight):
+                continue
+            update = (x @ self.lora_a[slot].T) @ self.lora_b[slot].T  # (batch, ..., out)
+            out = out + row_weight.view(-1, *extra_dims, 1) * update
+        return out
+
+
+class Mixer:
+    """Handle on a model whose targeted layers mix N adapters."""
+
+    def __init__(self, names: list[str], state: _MixState):
+        self.adapter_names = names
+        self._state = state
+
+    @contextlib.contextmanager
+    def weights(self, weights: torch.Tensor | Sequence[float]) -> Iterator[None]:
+        """Use ``weights`` inside the block: (N,) for every row, or (batch, N) per row."""
+        tensor = torch.as_tensor(weights, dtype=torch.float32)
+        broadcast = tensor.dim() == 1
+        if broadcast:
+            tensor = tensor.unsqueeze(0)
+        if tensor.dim() != 2 or tensor.shape[1] != len(self.adapter_names):
+            raise PsoupsError(
+                f"mixing weights must have {len(self.adapter_names)} columns "
+                f"({', '.join(self.adapter_names)}), got shape {tuple(tensor.shape)}"
+            )
+        if not torch.isfinite(tensor).all():
+            raise PsoupsError("mixing weights must be finite numbers")
+        previous = self._state.weights, self._state.broadcast
+        self._state.weights, self._state.broadcast = tensor, broadcast
+        try:
+            yield
+        finally:
+            self._state.weights, self._state.broadcast = previous
+
+    def set_batch_weights(self, weights: torch.Tensor | None) -> None:
+        """Set (batch, N) weights until changed (None: the plain base)."""
+        self._state.weights, self._state.broadcast = weights, False
+
+
+def attach_mixing(model: nn.Module, adapters: Sequence[LoraAdapter]) -> Mixer:
+    """Replace every linear layer any adapter targets by a :class:`LoraMixingLinear`.
+
+    The model's own weights are untouched (the base layer is kept inside); a single
+    (N,) weight vector broadcasts to all rows.
+    """
+    if not adapters:
+        raise PsoupsError("mixing needs at least one adapter")
+    state = _MixState()
+    modules = dict(model.named_modules())
+    targets = sorted({module for adapter in adapters for module in adapter.modules})
+    missing = [name for name in targets if name not in modules]
+    if missing:
+        raise PsoupsError(
+            f"the adapters target modules the model does not have: {', '.join(missing[:5])}"
+        )
+    for name in targets:
+        layer = modules[name]
+        if not isinstance(layer, nn.Linear):
+            raise PsoupsError(f"{name} is a {type(layer).__name__}; only nn.Linear can mix")
+        factors = [
+            (adapter.a[name], adapter.b[name], adapter.scale(name)) if name in adapter.a else None
+            for adapter in adapters
+        ]
+        parent_name, _, child = name.rpartition(".")
+        parent = modules[parent_name] if parent_name else model
+        setattr(parent, child, LoraMixingLinear(layer, factors, state))
+    # Stale references to the replaced layers: named_modules must be rebuilt by callers.
+    return Mixer([adapter.name for adapter in adapters], state)

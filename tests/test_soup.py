@@ -1,0 +1,194 @@
+"""Soups: the merge methods and the exact activation-space mixing, on a tiny random Llama."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from psoups_ray.errors import PsoupsError
+from psoups_ray.soup.adapters import read_lora_adapter
+from psoups_ray.soup.merge import check_weights, merge_adapters, merge_into_model
+from psoups_ray.soup.mixing import attach_mixing
+
+NAMES = ["P1A", "P2B", "P3A"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A saved tiny base and three LoRA adapters with random (non-zero) factors."""
+    root = tmp_path_factory.mktemp("soup")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
+    LlamaForCausalLM(config).save_pretrained(root / "base")
+    directories = []
+    for index, name in enumerate(NAMES):
+        base = AutoModelForCausalLM.from_pretrained(root / "base")
+        rank = 4 if index < 2 else 2  # one adapter of another rank
+        lora = LoraConfig(
+            task_type=TaskType.CAUSAL_LM, r=rank, lora_alpha=8, target_modules="all-linear"
+        )
+        model = get_peft_model(base, lora)
+        with torch.no_grad():
+            for parameter_name, parameter in model.named_parameters():
+                if "lora_" in parameter_name:
+                    parameter.normal_(0, 0.2)
+        model.save_pretrained(root / name)
+        directories.append(root / name)
+    return root, directories
+
+
+def _base(root):
+    return AutoModelForCausalLM.from_pretrained(root / "base").eval()
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+IDS = torch.tensor([[1, 5, 9, 13, 2, 7], [3, 3, 8, 21, 40, 11]])
+
+
+def test_mixing_forward_equals_the_delta_merged_model(world):
+    root, directories = world
+    adapters = [read_lora_adapter(d, n) for d, n in zip(directories, NAMES, strict=True)]
+    weights = [0.5, 0.3, 0.2]
+    merged = _base(root)
+    merge_into_model(merged, adapters, weights)
+    mixed = _base(root)
+    mixer = attach_mixing(mixed, adapters)
+    with mixer.weights(weights):
+        mixed_logits = _logits(mixed, IDS[:1])
+    assert torch.allclose(mixed_logits, _logits(merged, IDS[:1]), atol=1e-5)
+    # Without weights the mixing model is the base.
+    assert torch.allclose(_logits(mixed, IDS), _logits(_base(root), IDS), atol=1e-6)
+
+
+def test_a_mixed_batch_equals_its_rows_run_separately(world):
+    root, directories = world
+    adapters = [read_lora_adapter(d, n) for d, n in zip(directories, NAMES, strict=True)]
+    model = _base(root)
+    mixer = attach_mixing(model, adapters)
+    rows = torch.tensor([[1.0, 0.0, 0.0], [0.2, 0.3, 0.5]])
+    with mixer.weights(rows):
+        together = _logits(model, IDS)
+    for index in range(2):
+        with mixer.weights(rows[index]):
+            alone = _logits(model, IDS[index : index + 1])
+        assert torch.allclose(together[index], alone[0], atol=1e-5)
+
+
+def test_weight_one_on_a_pole_reproduces_that_policy(world):
+    root, directories = world
+    adapters = [read_lora_adapter(d, n) for d, n in zip(directories, NAMES, strict=True)]
+    policy = PeftModel.from_pretrained(_base(root), directories[1]).eval()
+    model = _base(root)
+    mixer = attach_mixing(model, adapters)
+    with mixer.weights([0.0, 1.0, 0.0]):
+        assert torch.allclose(_logits(model, IDS), _logits(policy, IDS), atol=1e-5)
+
+
+def test_delta_soup_adapter_loads_with_plain_peft_and_equals_the_merge(world, tmp_path):
+    root, directories = world
+    weights = [0.6, 0.1, 0.3]
+    out = merge_adapters(directories, NAMES, weights, "delta", tmp_path / "soup")
+    soup = PeftModel.from_pretrained(_base(root), out).eval()
+    merged = _base(root)
+    adapters = [read_lora_adapter(d, n) for d, n in zip(directories, NAMES, strict=True)]
+    merge_into_model(merged, adapters, weights)
+    assert torch.allclose(_logits(soup, IDS), _logits(merged, IDS), atol=1e-5)
+    # The same as PEFT's exact "cat" combination.
+    peft_model = PeftModel.from_pretrained(_base(root), directories[0], adapter_name=NAMES[0])
+    for directory, name in zip(directories[1:], NAMES[1:], strict=True):
+        peft_model.load_adapter(directory, adapter_name=name)
+    peft_model.add_weighted_adapter(NAMES, weights, "cat", combination_type="cat")
+    peft_model.set_adapter("cat")
+    assert torch.allclose(_logits(peft_model.eval(), IDS), _logits(soup, IDS), atol=1e-5)
+
+
+def test_factor_soup_averages_factors_and_refuses_other_ranks(world, tmp_path):
+    root, directories = world
+    out = merge_adapters(directories[:2], NAMES[:2], [0.5, 0.5], "factor", tmp_path / "f")
+    soup = read_lora_adapter(out)
+    first, second = (read_lora_adapter(d) for d in directories[:2])
+    module = first.modules[0]
+    assert torch.allclose(soup.a[module], (first.a[module] + second.a[module]) / 2)
+    assert torch.allclose(soup.b[module], (first.b[module] + second.b[module]) / 2)
+    # It is not the average of the updates (that is what delta computes).
+    averaged = (first.delta(module) + second.delta(module)) / 2
+    assert not torch.allclose(soup.delta(module), averaged, atol=1e-4)
+    PeftModel.from_pretrained(_base(root), out)  # loads with plain PEFT
+    with pytest.raises(PsoupsError, match="equal ranks"):
+        merge_adapters(directories, NAMES, [0.4, 0.3, 0.3], "factor", tmp_path / "g")
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_linear", "svd"])
+def test_peft_merge_methods_write_loadable_adapters(world, tmp_path, method):
+    root, directories = world
+    torch.manual_seed(0)
+    out = merge_adapters(
+        directories[:2],
+        NAMES[:2],
+        [0.5, 0.5],
+        method,
+        tmp_path / method,
+        base_model_path=str(root / "base"),
+        density=0.5,
+    )
+    soup = PeftModel.from_pretrained(_base(root), out).eval()
+    assert not torch.allclose(_logits(soup, IDS), _logits(_base(root), IDS))
+
+
+def test_weights_are_validated():
+    assert check_weights(["a", "b"], [1, 0]) == [1.0, 0.0]
+    with pytest.raises(PsoupsError, match="negative merge weights a=-0.5.*--allow-negative"):
+        check_weights(["a", "b"], [-0.5, 1.5])
+    assert check_weights(["a", "b"], [-0.5, 1.5], allow_negative=True) == [-0.5, 1.5]
+    with pytest.raises(PsoupsError, match="all zero"):
+        check_weights(["a", "b"], [0, 0])
+    with pytest.raises(PsoupsError, match="finite"):
+        check_weights(["a", "b"], [float("nan"), 1])
+    with pytest.raises(PsoupsError, match="2 weights for 3 adapters"):
+        check_weights(["a", "b", "c"], [0.5, 0.5])
+
+
+def test_mixing_rejects_wrong_weight_shapes(world):
+    root, directories = world
+    adapters = [read_lora_adapter(d, n) for d, n in zip(directories, NAMES, strict=True)]
+    model = _base(root)
+    mixer = attach_mixing(model, adapters)
+    with pytest.raises(PsoupsError, match="3 columns"):
+        with mixer.weights([0.5, 0.5]):
+            pass
+    with pytest.raises(PsoupsError, match="for 1 rows but the batch has 2"):
+        with mixer.weights([[0.2, 0.3, 0.5]]), torch.no_grad():
+            copy.deepcopy(model)(input_ids=IDS)
+
+
+def test_soup_weights_given_tuned_or_uniform():
+    from psoups_ray.soup.export import parse_weights, soup_weights
+
+    assert parse_weights("p1a=0.5, P3A=0.5") == {"P1A": 0.5, "P3A": 0.5}
+    assert parse_weights(None) is None
+    with pytest.raises(PsoupsError, match="POLE=NUMBER"):
+        parse_weights("P1A0.5")
+    with pytest.raises(PsoupsError, match="not a number"):
+        parse_weights("P1A=half")
+    combo = ["P1A", "P3A"]
+    assert soup_weights(combo, {"P1A": 0.2, "P3A": 0.8}, None) == ([0.2, 0.8], "given")
+    assert soup_weights(combo, None, {"P1A": 0.6, "P3A": 0.4}) == ([0.6, 0.4], "tuned")
+    assert soup_weights(combo, None, None) == ([0.5, 0.5], "uniform")
+    with pytest.raises(PsoupsError, match="no weight given for P3A"):
+        soup_weights(combo, {"P1A": 1.0}, None)
