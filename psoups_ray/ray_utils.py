@@ -15,6 +15,9 @@ from psoups_ray.errors import PsoupsError
 from psoups_ray.progress import log
 from psoups_ray.rundir import RunDir
 
+QUEUE_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+QUEUE_TIMEOUT_S = 24 * 3600
+
 
 def ensure_ray(config: RayConfig) -> None:
     """Connect to ``config.address`` / ``RAY_ADDRESS``, or start a local cluster (127.0.0.1)."""
@@ -68,6 +71,11 @@ def fit_torch_run(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
+    # Runs launched together queue for resources on purpose; Ray Train's default is to
+    # give up on a worker group after 60 s and retry forever, logging an error each time.
+    # The controller reads this from the process that calls fit() (this one).
+    os.environ.setdefault(QUEUE_TIMEOUT_ENV, str(QUEUE_TIMEOUT_S))
+
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -107,6 +115,7 @@ def fit_torch_runs(runs: list[TorchRun], rundir: RunDir) -> None:
     """
     import ray
 
+    _warn_if_unschedulable(runs)
     fit_remote = ray.remote(num_cpus=0, max_retries=0)(fit_torch_run)
     pending = {
         fit_remote.remote(run.train_loop, run.loop_config, run.resources, rundir, run.stage,
@@ -125,3 +134,24 @@ def fit_torch_runs(runs: list[TorchRun], rundir: RunDir) -> None:
             failures.append(f"{name}: {getattr(exc, 'cause', None) or exc}")
     if failures:
         raise PsoupsError(f"{len(failures)} Ray Train run(s) failed:\n  " + "\n  ".join(failures))
+
+
+def _warn_if_unschedulable(runs: list[TorchRun]) -> None:
+    """Say so when a run asks for more than the whole cluster has (it would wait forever,
+    unless an autoscaler adds nodes)."""
+    import ray
+
+    total = ray.cluster_resources()
+    for run in runs:
+        spec = run.resources
+        needs = {"CPU": spec.num_workers * spec.cpus_per_worker}
+        if spec.use_gpu:
+            needs["GPU"] = spec.num_workers * spec.gpus_per_worker
+        short = {k: v for k, v in needs.items() if v > total.get(k, 0.0)}
+        if short:
+            have = ", ".join(f"{k} {total.get(k, 0.0):g}" for k in short)
+            want = ", ".join(f"{k} {v:g}" for k, v in short.items())
+            log(
+                f"{run.stage}: warning: run {run.name} needs {want} but the cluster has {have}; "
+                "it waits until an autoscaler adds nodes (or lower its resources in the config)"
+            )
