@@ -342,7 +342,7 @@ class PolicyConfig(StrictModel):
     """epsilon of the clipped surrogate: ratios outside [1 - eps, 1 + eps] stop the gradient."""
     value_clip_range: float | None = Field(default=0.2, gt=0)
     """Clip new values to old +- this in the value loss; empty: no clipping."""
-    kl_coef: float = Field(default=0.1, ge=0)
+    kl_coef: float = Field(default=0.05, ge=0)
     """beta of the per-token KL penalty to the reference (initial value when adaptive)."""
     target_kl: float | None = Field(default=None, gt=0)
     """Per-sequence KL the adaptive controller steers toward; empty: ``kl_coef`` is fixed."""
