@@ -9,9 +9,7 @@ and the feedback judge all score through this class.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +19,12 @@ from psoups_ray.base.model import load_tokenizer
 from psoups_ray.config import BaseConfig
 from psoups_ray.errors import PsoupsError
 from psoups_ray.manifest import Manifest
-from psoups_ray.rewards.train import STATS_FILE, load_reward_base, reward_input, score_texts
+from psoups_ray.rewards.train import (
+    load_reward_base,
+    read_reward_stats,
+    reward_input,
+    score_texts,
+)
 from psoups_ray.rundir import RunDir, local_reference
 
 
@@ -61,16 +64,12 @@ class RewardScorer:
             if location not in loaded:  # a multitask adapter serves every pole: load it once
                 name = f"reward_{len(loaded)}"
                 directory = local_reference(location)
-                if not Path(directory, STATS_FILE).is_file():
-                    raise PsoupsError(
-                        f"reward adapter {location} has no {STATS_FILE}; re-run the rewards "
-                        "stage with --force"
-                    )
+                stats = read_reward_stats(directory, location)
                 if model is None:
                     model = PeftModel.from_pretrained(base_model, directory, adapter_name=name)
                 else:
                     model.load_adapter(directory, adapter_name=name)
-                loaded[location] = name, json.loads(Path(directory, STATS_FILE).read_text())
+                loaded[location] = name, stats
             name, stats = loaded[location]
             self._adapter_of[pole] = name
             self._conditioned[pole] = bool(stats.get("conditioned"))

@@ -12,6 +12,7 @@ and each pole's score mean/std (used to normalise scores across poles) go into
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -27,6 +28,7 @@ from trl import RewardConfig, RewardTrainer
 
 from psoups_ray.base.model import DTYPES, load_tokenizer
 from psoups_ray.config import BaseConfig, RewardsConfig
+from psoups_ray.errors import PsoupsError
 from psoups_ray.progress import log
 from psoups_ray.rundir import RunDir, local_reference
 from psoups_ray.training import (
@@ -55,6 +57,37 @@ class RewardJob:
     seed: int
     output_relpath: str  # adapter directory in the run dir
     metrics_relpath: str  # metrics JSON written by rank 0
+
+
+def read_reward_stats(directory: str | Path, location: str | None = None) -> dict[str, Any]:
+    """The ``reward_stats.json`` next to a reward adapter (``conditioned`` + per-pole stats)."""
+    path = Path(directory, STATS_FILE)
+    if not path.is_file():
+        raise PsoupsError(
+            f"reward adapter {location or directory} has no {STATS_FILE}; re-run the rewards "
+            "stage with --force"
+        )
+    return json.loads(path.read_text())
+
+
+def encode_right_padded(
+    tokenizer, texts: list[str], batch_size: int, max_length: int | None = None
+):
+    """Yield right-padded encodings of ``texts`` in batches: a sequence classifier reads its
+    score at the last non-pad token. ``max_length`` truncates; None keeps every token."""
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    try:
+        for start in range(0, len(texts), batch_size):
+            yield tokenizer(
+                texts[start : start + batch_size],
+                return_tensors="pt",
+                padding=True,
+                truncation=max_length is not None,
+                max_length=max_length,
+            )
+    finally:
+        tokenizer.padding_side = padding_side
 
 
 def reward_input(
@@ -213,24 +246,11 @@ def score_texts(model, tokenizer, prompts: list[str], responses: list[str], batc
     """Scalar rewards for (prompt text, response text) pairs built by :func:`reward_input`."""
     model.eval()
     device = next(model.parameters()).device
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "right"
-    scores = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            texts = [
-                p + r
-                for p, r in zip(
-                    prompts[start : start + batch_size],
-                    responses[start : start + batch_size],
-                    strict=True,
-                )
-            ]
-            encoded = tokenizer(texts, return_tensors="pt", padding=True).to(device)
-            logits = model(**encoded).logits  # (batch, 1)
-            scores.append(logits[:, 0].float().cpu())
-    finally:
-        tokenizer.padding_side = padding_side
+    texts = [p + r for p, r in zip(prompts, responses, strict=True)]
+    scores = [
+        model(**encoded.to(device)).logits[:, 0].float().cpu()  # (batch,)
+        for encoded in encode_right_padded(tokenizer, texts, batch_size)
+    ]
     return torch.cat(scores) if scores else torch.zeros(0)
 
 
@@ -254,8 +274,6 @@ def held_out_statistics(model, tokenizer, rows: list[dict[str, str]], poles) -> 
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    import json
-
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 

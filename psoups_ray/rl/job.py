@@ -87,7 +87,7 @@ def make_reward_fn(
     device: torch.device,
 ) -> RewardFn:
     """Scores responses: each query's reward is the mean of its poles' normalised rewards."""
-    from psoups_ray.rewards.train import reward_input
+    from psoups_ray.rewards.train import encode_right_padded, reward_input
 
     def reward(queries: Sequence[Query], texts: Sequence[str]) -> torch.Tensor:
         total = torch.zeros(len(queries))
@@ -99,23 +99,12 @@ def make_reward_fn(
                 "".join(reward_input(tokenizer, queries[i].prompt, texts[i], preference))
                 for i in rows
             ]
-            scores = []
-            padding_side = tokenizer.padding_side
-            tokenizer.padding_side = "right"  # the reward model reads the last non-pad token
-            try:
-                for start in range(0, len(texts_in), batch_size):
-                    encoded = tokenizer(
-                        texts_in[start : start + batch_size],
-                        return_tensors="pt",
-                        padding=True,
-                        truncation=True,
-                        max_length=max_length,
-                    ).to(device)
-                    scores.append(
-                        models.reward_scores(pole, encoded["input_ids"], encoded["attention_mask"])
-                    )
-            finally:
-                tokenizer.padding_side = padding_side
+            scores = [
+                models.reward_scores(
+                    pole, encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+                )
+                for encoded in encode_right_padded(tokenizer, texts_in, batch_size, max_length)
+            ]
             raw = torch.cat(scores).cpu()
             total[rows] += (raw - adapter.score_mean) / adapter.score_std
         counts = torch.tensor([len(query.poles) for query in queries], dtype=torch.float)
@@ -215,9 +204,7 @@ def evaluate_policy(trainer: PPOTrainer, job: PolicyJob) -> dict[str, Any]:
             texts.extend(trainer.decode(responses, mask))
             lengths.append(mask.sum(dim=1).cpu())
             if which == "policy":
-                ids = torch.cat([encoded["input_ids"], responses], dim=1)
-                attention = torch.cat([encoded["attention_mask"], mask.long()], dim=1)
-                query_length = encoded["input_ids"].shape[1]
+                ids, attention, query_length = trainer.join(encoded, responses, mask)
                 with trainer._autocast():
                     logprobs, _ = trainer.models.policy_logprobs(ids, attention, query_length, 1.0)
                     ref = trainer.models.reference_logprobs(ids, attention, query_length, 1.0)

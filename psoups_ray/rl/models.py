@@ -49,14 +49,9 @@ class RewardAdapter:
 
 def read_reward_adapter(pole: str, directory: str) -> RewardAdapter:
     """A reward adapter with ``pole``'s score statistics from its ``reward_stats.json``."""
-    from psoups_ray.rewards.train import STATS_FILE
+    from psoups_ray.rewards.train import read_reward_stats
 
-    stats_path = Path(directory, STATS_FILE)
-    if not stats_path.is_file():
-        raise PsoupsError(
-            f"reward adapter {directory} has no {STATS_FILE}; re-run the rewards stage with --force"
-        )
-    stats = json.loads(stats_path.read_text())
+    stats = read_reward_stats(directory)
     if pole not in stats:
         raise PsoupsError(f"reward adapter {directory} has no statistics for pole {pole!r}")
     return RewardAdapter(

@@ -238,8 +238,8 @@ class RunningMoments:
         self.var = 1.0
         self.count = 1e-24
 
-    def update(self, scores: torch.Tensor, across_ranks: bool = False) -> tuple[float, float]:
-        """Fold in a batch; returns the batch's own (mean, std)."""
+    def update(self, scores: torch.Tensor, across_ranks: bool = False) -> None:
+        """Fold in a batch of scores (every worker's when ``across_ranks``)."""
         scores = scores.detach().float()
         count_tensor = torch.tensor(float(len(scores)), device=scores.device)
         totals = torch.stack([scores.sum(), (scores**2).sum(), count_tensor])
@@ -255,7 +255,6 @@ class RunningMoments:
             self.var * self.count + batch_var * count + delta**2 * self.count * count / merged
         ) / merged
         self.count = merged
-        return batch_mean, math.sqrt(batch_var * count / max(count - 1, 1))
 
     @property
     def std(self) -> float:

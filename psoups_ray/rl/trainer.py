@@ -190,28 +190,32 @@ class PPOTrainer:
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """(encoded queries, response token ids (B, T)) sampled from the policy or reference."""
         encoded = self.encode_queries(queries)
-        state = torch.random.get_rng_state()
-        cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        torch.manual_seed(seed)
-        try:
-            with self._autocast():
-                responses = self.models.generate(
-                    encoded["input_ids"],
-                    encoded["attention_mask"],
-                    reference=reference,
-                    do_sample=True,
-                    temperature=temperature,
-                    top_p=top_p,
-                    top_k=0,  # sample the full distribution: the logprobs PPO uses
-                    max_new_tokens=max_new_tokens,
-                    pad_token_id=self.tokenizer.pad_token_id,
-                    eos_token_id=self.tokenizer.eos_token_id,
-                )
-        finally:
-            torch.random.set_rng_state(state)
-            if cuda_state is not None:
-                torch.cuda.set_rng_state_all(cuda_state)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), self._autocast():  # callers' RNG untouched
+            torch.manual_seed(seed)
+            responses = self.models.generate(
+                encoded["input_ids"],
+                encoded["attention_mask"],
+                reference=reference,
+                do_sample=True,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=0,  # sample the full distribution: the logprobs PPO uses
+                max_new_tokens=max_new_tokens,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+            )
         return encoded, responses
+
+    @staticmethod
+    def join(
+        encoded: dict[str, torch.Tensor], responses: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(input_ids, attention_mask, query_length) of queries followed by responses:
+        (B, Q + T) each; tokens after a response's EOS are not attended."""
+        input_ids = torch.cat([encoded["input_ids"], responses], dim=1)
+        attention_mask = torch.cat([encoded["attention_mask"], mask.long()], dim=1)
+        return input_ids, attention_mask, encoded["input_ids"].shape[1]
 
     def decode(self, responses: torch.Tensor, mask: torch.Tensor) -> list[str]:
         lengths = mask.sum(dim=1).long().tolist()
@@ -248,14 +252,11 @@ class PPOTrainer:
             generation.top_p,
             seed=derive_seed(self.seed, "rollout", step, rank),
         )
-        query_length = encoded["input_ids"].shape[1]
         mask = response_mask(responses, self.tokenizer.eos_token_id).to(self.device)  # (B, T)
-        input_ids = torch.cat([encoded["input_ids"], responses], dim=1)  # (B, Q + T)
-        attention_mask = torch.cat([encoded["attention_mask"], mask.long()], dim=1)
+        input_ids, attention_mask, query_length = self.join(encoded, responses, mask)
         texts = self.decode(responses, mask)
-        has_eos = (mask.sum(dim=1) < responses.shape[1]) | (
-            responses[:, -1] == self.tokenizer.eos_token_id
-        )
+        has_eos = mask.sum(dim=1) < responses.shape[1]  # EOS before the last position, or
+        has_eos |= responses[:, -1] == self.tokenizer.eos_token_id  # at it: (B,)
 
         chunk = spec.minibatch_size
         with self._autocast():

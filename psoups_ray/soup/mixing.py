@@ -110,10 +110,6 @@ class Mixer:
         finally:
             self._state.weights, self._state.broadcast = previous
 
-    def set_batch_weights(self, weights: torch.Tensor | None) -> None:
-        """Set (batch, N) weights until changed (None: the plain base)."""
-        self._state.weights, self._state.broadcast = weights, False
-
 
 def attach_mixing(model: nn.Module, adapters: Sequence[LoraAdapter]) -> Mixer:
     """Replace every linear layer any adapter targets by a :class:`LoraMixingLinear`.
