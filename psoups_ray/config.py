@@ -18,7 +18,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from psoups_ray.errors import ConfigError
+from psoups_ray.errors import ConfigError, PsoupsError
 from psoups_ray.preferences import PreferenceSpace, PreferenceSpaceSpec
 
 TINY_MODEL = "tiny"
@@ -409,6 +409,52 @@ class PolicyConfig(StrictModel):
         return self
 
 
+class EvaluatorResources(StrictModel):
+    """Resources of one long-lived soup evaluator actor (base + every adapter loaded)."""
+
+    cpus: float = Field(default=1.0, gt=0)
+    """CPUs reserved per evaluator (torch uses that many threads)."""
+    use_gpu: bool = False
+    """Give each evaluator ``gpus`` GPUs and generate on them."""
+    gpus: float = Field(default=1.0, gt=0)
+    """GPUs per evaluator when ``use_gpu`` is true (fractions share a GPU)."""
+
+
+class TuneConfig(StrictModel):
+    """Ray Tune search of soup weights per combination, scored by the pole reward models;
+    Pareto fronts for pairs of poles."""
+
+    combinations: list[str] | None = None
+    """Combinations to tune, e.g. ``[P1A+P2B+P3A]``; empty: every combination with one pole
+    per dimension (the paper's 8 on the default space)."""
+    search: Literal["optuna", "grid"] = "optuna"
+    """``optuna``: TPE over the simplex (seeded with the uniform soup); ``grid``: every
+    point of the simplex grid with step 1/``grid_resolution``."""
+    num_samples: int = Field(default=16, ge=1)
+    """Optuna trials per combination (the first is the uniform soup)."""
+    grid_resolution: int = Field(default=5, ge=1)
+    """Grid step 1/resolution: C(resolution + N - 1, N - 1) trials for N poles."""
+    max_concurrent_trials: int = Field(default=2, ge=1)
+    """Trials at a time; also the number of evaluator actors (each loads the model once
+    and serves trials one after another)."""
+    resources: EvaluatorResources = Field(default_factory=EvaluatorResources)
+    """Resources of each evaluator actor."""
+    num_prompts: int = Field(default=32, ge=1)
+    """Held-out prompts every trial generates for (the same prompts and sampling seed in
+    every trial, so trials differ only by their weights)."""
+    num_report_prompts: int = Field(default=32, ge=0)
+    """Further held-out prompts, disjoint from the trials', on which the tuned and the
+    uniform soup are compared after the search (0: skip)."""
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    """Sampling of trial and comparison responses."""
+    pareto: bool = True
+    """Sweep each pair of poles from different dimensions and plot their Pareto front."""
+    pareto_points: int = Field(default=11, ge=2)
+    """Interpolation weights per pair: 0, 1/(k-1), ..., 1 (11 as in Rewarded Soups)."""
+    pareto_prompts: int = Field(default=16, ge=1)
+    """Prompts per point of a Pareto sweep (taken from the trial prompts)."""
+
+
 class WorldConfig(StrictModel):
     """The built-in synthetic instruction world (used with ``base.model: tiny``)."""
 
@@ -439,6 +485,8 @@ class PsoupsConfig(StrictModel):
     """Reward-model stage."""
     policies: PolicyConfig = Field(default_factory=PolicyConfig)
     """PPO policy stage (and baselines)."""
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    """Soup weight search and Pareto fronts."""
     ray: RayConfig = Field(default_factory=RayConfig)
     """Ray cluster connection."""
 
@@ -467,6 +515,10 @@ class PsoupsConfig(StrictModel):
                     "policies.max_prompt_length + policies.generation.max_new_tokens",
                     policies.max_prompt_length + policies.generation.max_new_tokens,
                 ),
+                (
+                    "policies.max_prompt_length + tune.generation.max_new_tokens",
+                    policies.max_prompt_length + self.tune.generation.max_new_tokens,
+                ),
             ):
                 if length > self.base.tiny.max_position_embeddings:
                     raise ValueError(
@@ -492,6 +544,11 @@ class PsoupsConfig(StrictModel):
                     "feedback.judge 'checkers' only understands the tiny world; for a real "
                     "model use judge 'openai'"
                 )
+        for index, text in enumerate(self.tune.combinations or []):
+            try:
+                self.space.parse(text)
+            except PsoupsError as exc:
+                raise ValueError(f"tune.combinations[{index}]: {exc}") from None
         pole_ids = set(self.space.pole_ids)
         for index, spec in enumerate(self.feedback.files):
             if spec.pole is not None and spec.pole not in pole_ids:
@@ -537,6 +594,13 @@ SMOKE_TEST_OVERRIDES: tuple[str, ...] = (
     "policies.num_eval_prompts=8",
     "policies.eval_generation.max_new_tokens=48",
     "policies.checkpoint_every=2",
+    "tune.num_samples=3",
+    "tune.grid_resolution=2",
+    "tune.num_prompts=4",
+    "tune.num_report_prompts=4",
+    "tune.generation.max_new_tokens=48",
+    "tune.pareto_points=3",
+    "tune.pareto_prompts=2",
 )
 """``--smoke-test``: every stage runs a few steps (applied before the user's ``--set``)."""
 

@@ -52,6 +52,12 @@ def _run_policies(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
     return run_policies_stage(config, rundir)
 
 
+def _run_tune(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
+    from psoups_ray.tuning.stage import run_tune_stage
+
+    return run_tune_stage(config, rundir)
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -99,11 +105,11 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "tune",
-        "Ray Tune search of merge weights per combination",
+        "Ray Tune search of soup weights per combination, and Pareto fronts",
         ("policies",),
-        ("seed",),
-        None,
-        tracked_in="issue #5",
+        ("seed", "preferences", "tune"),
+        _run_tune,
+        extra_sections=("tuned_weights",),
     ),
     Stage(
         "evaluate",

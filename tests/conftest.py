@@ -25,3 +25,28 @@ def ray_cluster():
     )
     yield context  # .dashboard_url: the job server for `ray job submit`
     ray.shutdown()
+
+
+POLICY_DIMENSIONS = ("P2", "P3")  # informativeness and style: two dimensions to soup
+
+
+def policy_test_config(*overrides: str):
+    """Smoke settings on a two-dimension space (P2 x P3), shared by the policy and tune tests."""
+    from psoups_ray.config import SMOKE_TEST_OVERRIDES, load_config
+    from psoups_ray.preferences import PreferenceSpaceSpec
+
+    config = load_config(None, [*SMOKE_TEST_OVERRIDES, "feedback.pairs_per_pole=60", *overrides])
+    dimensions = [d for d in config.preferences.dimensions if d.id in POLICY_DIMENSIONS]
+    config.preferences = PreferenceSpaceSpec(dimensions=dimensions)
+    return config
+
+
+@pytest.fixture(scope="session")
+def policy_run(ray_cluster, tmp_path_factory):
+    """One smoke run through base, feedback, rewards and policies (every pole of P2 x P3
+    plus the baselines), run by the policy tests and read (or copied) by later modules."""
+    from psoups_ray.pipeline import run_pipeline
+
+    out = tmp_path_factory.mktemp("policies") / "run"
+    manifest = run_pipeline(policy_test_config(), str(out), ["policies"])
+    return out, manifest

@@ -1,7 +1,7 @@
 """PPO policies for real: our PPO on a shared LoRA base inside concurrent Ray Train runs.
 
-One smoke run (style poles only, to keep it short) goes through base, feedback, rewards and
-policies; the tests read it or copy it.
+One smoke run (informativeness and style poles, see conftest's ``policy_run``) goes through
+base, feedback, rewards and policies; the tests read it or copy it.
 """
 
 from __future__ import annotations
@@ -20,10 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from psoups_ray.config import SMOKE_TEST_OVERRIDES, load_config
 from psoups_ray.manifest import Manifest
 from psoups_ray.pipeline import run_pipeline
-from psoups_ray.preferences import PreferenceSpaceSpec
 from psoups_ray.rewards import RewardScorer
 from psoups_ray.rl.job import build_trainer, sample_queries
 from psoups_ray.rl.stage import policy_jobs
@@ -34,25 +32,20 @@ pytestmark = pytest.mark.integration
 HISTORY_KEYS = {"reward", "kl", "entropy", "value_loss", "clip_fraction", "response_length"}
 
 
+POLES = ["P2A", "P2B", "P3A", "P3B"]
+
+
 def _config(*overrides: str):
-    config = load_config(None, [*SMOKE_TEST_OVERRIDES, "feedback.pairs_per_pole=60", *overrides])
-    style = [d for d in config.preferences.dimensions if d.id == "P3"]
-    config.preferences = PreferenceSpaceSpec(dimensions=style)
-    return config
+    from conftest import policy_test_config
 
-
-@pytest.fixture(scope="module")
-def policy_run(ray_cluster, tmp_path_factory):
-    out = tmp_path_factory.mktemp("policies") / "run"
-    manifest = run_pipeline(_config(), str(out), ["policies"])
-    return out, manifest
+    return policy_test_config(*overrides)
 
 
 def test_every_pole_and_baseline_is_trained_and_recorded(policy_run):
     out, manifest = policy_run
     assert manifest.is_complete("policies")
     policies, baselines = manifest.data["policies"], manifest.data["baselines"]
-    assert sorted(policies) == ["P3A", "P3B"]
+    assert sorted(policies) == POLES
     assert sorted(baselines) == ["pmorl", "rlhf"]
     for name, record in [*policies.items(), *baselines.items()]:
         assert Path(record["path"], "adapter_config.json").is_file(), name
@@ -61,14 +54,14 @@ def test_every_pole_and_baseline_is_trained_and_recorded(policy_run):
         held_out = metrics["eval"]
         assert held_out["num_prompts"] == 8
         for which in ("policy", "base"):
-            assert set(held_out[which]["target_rates"]) <= {"P3A", "P3B"}
+            assert set(held_out[which]["target_rates"]) <= set(POLES)
         assert held_out["policy"]["kl_to_reference"] == held_out["policy"]["kl_to_reference"]
         history = json.loads(Path(record["path"]).parent.joinpath("metrics.json").read_text())
         assert len(history["history"]) == 3
         assert HISTORY_KEYS <= set(history["history"][0]), name
     # P-MORL asks for one combination per query; the single-reward baseline for every pole.
     assert baselines["pmorl"]["kind"] == "pmorl"
-    assert set(baselines["rlhf"]["metrics"]["eval"]["policy"]["target_rates"]) == {"P3A", "P3B"}
+    assert set(baselines["rlhf"]["metrics"]["eval"]["policy"]["target_rates"]) == set(POLES)
     assert "success_rate" not in baselines["rlhf"]["metrics"]["eval"]["policy"]
 
 
@@ -82,8 +75,8 @@ def test_the_runs_executed_concurrently(policy_run):
         name: (r["metrics"]["started_at"], r["metrics"]["finished_at"])
         for name, r in records.items()
     }
-    # The two poles' runs are launched first and together; they train at the same time.
-    (start_a, end_a), (start_b, end_b) = spans["P3A"], spans["P3B"]
+    # The poles' runs are launched first and together; two of them train at the same time.
+    (start_a, end_a), (start_b, end_b) = spans["P2A"], spans["P2B"]
     assert max(start_a, start_b) < min(end_a, end_b), spans
     # Ray starts worker processes a few at a time, so later launches may begin as the first
     # end; still, every run overlaps at least one other.
@@ -185,6 +178,7 @@ def test_killed_worker_resumes_from_its_checkpoint(policy_run, tmp_path):
         "policies.checkpoint_every=2",
         "policies.baselines=[]",
         "policies.resources.num_workers=2",
+        "policies.resources.cpus_per_worker=0.25",  # all four runs' workers at once
     )
     errors: list[BaseException] = []
 
@@ -198,13 +192,12 @@ def test_killed_worker_resumes_from_its_checkpoint(policy_run, tmp_path):
     thread.start()
     # Ray Train lists a checkpoint in this snapshot once every worker has reported it.
     snapshots = [
-        out / "ray" / "policies" / pole / "checkpoint_manager_snapshot.json"
-        for pole in ("P3A", "P3B")
+        out / "ray" / "policies" / pole / "checkpoint_manager_snapshot.json" for pole in POLES
     ]
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline and thread.is_alive():
         if all(snapshot.is_file() for snapshot in snapshots):
-            break  # both runs hold a registered checkpoint (iteration 2 or later)
+            break  # every run holds a registered checkpoint (iteration 2 or later)
         time.sleep(0.2)
     workers = _live_train_workers()
     assert workers, "no training worker to kill"

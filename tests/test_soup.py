@@ -100,6 +100,23 @@ def test_weight_one_on_a_pole_reproduces_that_policy(world):
         assert torch.allclose(_logits(model, IDS), _logits(policy, IDS), atol=1e-5)
 
 
+def test_mixing_inside_a_peft_model_keeps_its_adapters_working(world):
+    """Tuning and serving mix the policies into a model that also carries reward adapters
+    through PEFT: adapters disabled + weights = the soup; an adapter enabled and no weights
+    = that adapter alone, as if nothing were mixed."""
+    root, directories = world
+    adapters = [read_lora_adapter(d, n) for d, n in zip(directories, NAMES, strict=True)]
+    other = PeftModel.from_pretrained(_base(root), directories[2]).eval()  # another adapter
+    expected_other = _logits(other, IDS)
+    mixer = attach_mixing(other.get_base_model(), adapters[:2])
+    weights = [0.7, 0.3]
+    merged = _base(root)
+    merge_into_model(merged, adapters[:2], weights)
+    with other.disable_adapter(), mixer.weights(weights):
+        assert torch.allclose(_logits(other, IDS), _logits(merged, IDS), atol=1e-5)
+    assert torch.allclose(_logits(other, IDS), expected_other, atol=1e-6)
+
+
 def test_delta_soup_adapter_loads_with_plain_peft_and_equals_the_merge(world, tmp_path):
     root, directories = world
     weights = [0.6, 0.1, 0.3]

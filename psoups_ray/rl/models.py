@@ -80,6 +80,61 @@ def last_token_index(input_ids: torch.Tensor, pad_token_id: int | None) -> torch
     return (positions * (input_ids != pad_token_id).int()).argmax(-1)
 
 
+def reward_lora_config(directory: str) -> LoraConfig:
+    """The LoRA shape of a rewards-stage adapter, for attaching it to a causal LM."""
+    config = json.loads(Path(directory, "adapter_config.json").read_text())
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=config["r"],
+        lora_alpha=config["lora_alpha"],
+        lora_dropout=0.0,
+        target_modules=config["target_modules"],
+    )
+
+
+def load_reward_weights(peft: PeftModel, adapter_name: str, directory: str) -> nn.Linear:
+    """Load a SEQ_CLS reward adapter's LoRA weights into ``peft``'s (already added)
+    ``adapter_name``; return its score head as a linear layer (hidden -> 1).
+
+    The reward adapter's LoRA weights live on the same backbone modules in a causal LM as
+    in a sequence classifier, so they load unchanged.
+    """
+    weights = load_file(str(Path(directory, "adapter_model.safetensors")))
+    score_keys = [k for k in weights if k.endswith(SCORE_KEY_SUFFIX)]
+    if len(score_keys) != 1:
+        raise PsoupsError(f"{directory} is not a reward adapter (no single score head)")
+    score = weights.pop(score_keys[0])  # (1, hidden)
+    result = set_peft_model_state_dict(peft, weights, adapter_name=adapter_name)
+    missing = [k for k in result.missing_keys if f".{adapter_name}." in k]
+    if result.unexpected_keys or missing:
+        raise PsoupsError(
+            f"reward adapter {directory} does not fit the base model: "
+            f"unexpected {result.unexpected_keys[:3]}, missing {missing[:3]}"
+        )
+    head = nn.Linear(score.shape[1], 1, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(score)
+    head.requires_grad_(False)
+    return head.to(next(peft.parameters()).device)
+
+
+@torch.no_grad()
+def read_scores(
+    backbone: nn.Module,
+    head: nn.Linear,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pad_token_id: int | None,
+) -> torch.Tensor:
+    """Raw reward scores of right-padded texts with the active reward adapter: (B, L) -> (B,)."""
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+    ).last_hidden_state  # (B, L, H)
+    last = last_token_index(input_ids, pad_token_id)
+    picked = hidden[torch.arange(len(hidden), device=hidden.device), last]  # (B, H)
+    return head(picked.to(head.weight.dtype)).squeeze(-1).float()
+
+
 class SharedBasePPOModels(nn.Module):
     """Every model a PPO run needs, as adapters on one frozen causal LM.
 
@@ -140,32 +195,8 @@ class SharedBasePPOModels(nn.Module):
 
     # -- building ------------------------------------------------------------------
     def _attach_reward(self, adapter_name: str, directory: str) -> nn.Linear:
-        """Load a SEQ_CLS reward adapter's LoRA weights as ``adapter_name``; return its head."""
-        config = json.loads(Path(directory, "adapter_config.json").read_text())
-        weights = load_file(str(Path(directory, "adapter_model.safetensors")))
-        score_keys = [k for k in weights if k.endswith(SCORE_KEY_SUFFIX)]
-        if len(score_keys) != 1:
-            raise PsoupsError(f"{directory} is not a reward adapter (no single score head)")
-        score = weights.pop(score_keys[0])  # (1, hidden)
-        lora = LoraConfig(
-            task_type=TaskType.CAUSAL_LM,
-            r=config["r"],
-            lora_alpha=config["lora_alpha"],
-            lora_dropout=0.0,
-            target_modules=config["target_modules"],
-        )
-        self.peft.add_adapter(adapter_name, lora)
-        result = set_peft_model_state_dict(self.peft, weights, adapter_name=adapter_name)
-        missing = [k for k in result.missing_keys if f".{adapter_name}." in k]
-        if result.unexpected_keys or missing:
-            raise PsoupsError(
-                f"reward adapter {directory} does not fit the base model: "
-                f"unexpected {result.unexpected_keys[:3]}, missing {missing[:3]}"
-            )
-        head = nn.Linear(score.shape[1], 1, bias=False)
-        with torch.no_grad():
-            head.weight.copy_(score)
-        return head
+        self.peft.add_adapter(adapter_name, reward_lora_config(directory))
+        return load_reward_weights(self.peft, adapter_name, directory)
 
     def _adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         marker = f".{adapter_name}."
@@ -275,13 +306,10 @@ class SharedBasePPOModels(nn.Module):
         """Raw scores of ``pole``'s reward model for right-padded texts: (B, L) -> (B,)."""
         adapter_name = self._reward_adapter_of[pole]
         self._activate(adapter_name)
-        hidden = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-        ).last_hidden_state  # (B, L, H)
-        last = last_token_index(input_ids, self.pad_token_id)
-        picked = hidden[torch.arange(len(hidden), device=hidden.device), last]  # (B, H)
-        head = self.score_heads[adapter_name]
-        return head(picked.to(head.weight.dtype)).squeeze(-1).float()
+        return read_scores(
+            self.backbone, self.score_heads[adapter_name], input_ids, attention_mask,
+            self.pad_token_id,
+        )  # fmt: skip
 
     # -- state -----------------------------------------------------------------------
     def trainable_state(self) -> dict[str, Any]:

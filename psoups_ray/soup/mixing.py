@@ -115,7 +115,8 @@ def attach_mixing(model: nn.Module, adapters: Sequence[LoraAdapter]) -> Mixer:
     """Replace every linear layer any adapter targets by a :class:`LoraMixingLinear`.
 
     The model's own weights are untouched (the base layer is kept inside); a single
-    (N,) weight vector broadcasts to all rows.
+    (N,) weight vector broadcasts to all rows. On a model PEFT has wrapped (pass
+    ``peft_model.get_base_model()``), the mixing goes inside PEFT's LoRA layers.
     """
     if not adapters:
         raise PsoupsError("mixing needs at least one adapter")
@@ -129,14 +130,19 @@ def attach_mixing(model: nn.Module, adapters: Sequence[LoraAdapter]) -> Mixer:
         )
     for name in targets:
         layer = modules[name]
+        parent_name, _, child = name.rpartition(".")
+        parent = modules[parent_name] if parent_name else model
+        if isinstance(getattr(layer, "base_layer", None), nn.Linear):
+            # A PEFT LoRA layer (other adapters, e.g. reward models, on the same base): mix
+            # inside it, so that with its adapters disabled it computes the soup, and with
+            # one enabled and no mixing weights set, base + that adapter.
+            parent, child, layer = layer, "base_layer", layer.base_layer
         if not isinstance(layer, nn.Linear):
             raise PsoupsError(f"{name} is a {type(layer).__name__}; only nn.Linear can mix")
         factors = [
             (adapter.a[name], adapter.b[name], adapter.scale(name)) if name in adapter.a else None
             for adapter in adapters
         ]
-        parent_name, _, child = name.rpartition(".")
-        parent = modules[parent_name] if parent_name else model
         setattr(parent, child, LoraMixingLinear(layer, factors, state))
     # Stale references to the replaced layers: named_modules must be rebuilt by callers.
     return Mixer([adapter.name for adapter in adapters], state)

@@ -1,0 +1,243 @@
+"""Ray Tune sweeps of soup weights, one per combination, served by evaluator actors.
+
+A trial is (combination, weights on the simplex): it borrows a :class:`SoupEvaluator`
+actor from a pool, which generates on the trial prompts with the soup and scores the
+responses with the combination's pole reward models; the trial reports the mean
+normalised reward (``objective``), each pole's reward and weight and, in the tiny world,
+the attribute success rate. The actors keep base, policies and reward models loaded for
+the whole stage, so no trial loads a model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ray.tune import Callback
+
+from psoups_ray.config import GenerationSpec, TuneConfig
+from psoups_ray.errors import PsoupsError
+from psoups_ray.progress import log
+from psoups_ray.tuning.evaluator import SoupQuery
+from psoups_ray.tuning.simplex import from_cube, simplex_grid, to_cube
+
+OBJECTIVE = "objective"
+TRIAL_MEMORY_BYTES = 2**20
+"""A trial only forwards to an evaluator actor, which holds the CPUs/GPUs. Tune refuses
+trials without resources, so each asks for 1 MiB of memory: nothing is counted twice."""
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One combination's search: what every trial of it evaluates."""
+
+    combination: tuple[str, ...]
+    prompts: tuple[str, ...]
+    preference_prompt: str | None
+    generation: GenerationSpec
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return "+".join(self.combination)
+
+
+class EvaluatorPool:
+    """Evaluator actors handed out one trial at a time (a Ray queue of actor handles)."""
+
+    def __init__(self, actors: Sequence[Any]):
+        from ray.util.queue import Queue
+
+        self.actors = list(actors)
+        self._queue = Queue(actor_options={"num_cpus": 0})
+        for actor in self.actors:
+            self._queue.put(actor)
+
+    def evaluate(self, queries: Sequence[SoupQuery], prompts, spec, seed, keep_samples=0):
+        """Run one request on whichever actor is free (blocks until one is)."""
+        import ray
+
+        actor = self._queue.get()
+        try:
+            return ray.get(actor.evaluate.remote(list(queries), list(prompts), spec, seed,
+                                                 keep_samples))  # fmt: skip
+        finally:
+            self._queue.put(actor)
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Each actor's process id and number of requests served."""
+        import ray
+
+        return ray.get([actor.stats.remote() for actor in self.actors])
+
+    def map(self, requests: Sequence[tuple[list[SoupQuery], list[str], GenerationSpec, int]]):
+        """Spread requests over every actor at once; results in request order."""
+        import ray
+
+        pending: dict[Any, int] = {}
+        results: list[Any] = [None] * len(requests)
+        free = list(self.actors)
+        queue = list(enumerate(requests))
+        while queue or pending:
+            while free and queue:
+                index, (queries, prompts, spec, seed) = queue.pop(0)
+                actor = free.pop()
+                pending[actor.evaluate.remote(queries, prompts, spec, seed)] = (index, actor)
+            done, _ = ray.wait(list(pending), num_returns=1)
+            index, actor = pending.pop(done[0])
+            results[index] = ray.get(done[0])
+            free.append(actor)
+        return results
+
+
+def _weights_of(config: dict[str, Any], n: int) -> list[float]:
+    if "weights" in config:  # grid search
+        return [float(w) for w in config["weights"]]
+    return from_cube([config[f"u{k}"] for k in range(n - 1)])
+
+
+def soup_trial(config: dict[str, Any], pool: EvaluatorPool, sweep: Sweep) -> None:
+    """The Tune trainable: one soup measured, one result reported."""
+    from ray import tune
+
+    weights = _weights_of(config, len(sweep.combination))
+    query = SoupQuery(
+        dict(zip(sweep.combination, weights, strict=True)),
+        sweep.combination,
+        sweep.preference_prompt,
+    )
+    result = pool.evaluate([query], sweep.prompts, sweep.generation, sweep.seed)[0]
+    tune.report(trial_metrics(sweep.combination, weights, result))
+
+
+def trial_metrics(combination, weights, result: dict[str, Any]) -> dict[str, float]:
+    metrics = {OBJECTIVE: result["objective"], "response_words": result["response_words"]}
+    for pole, weight in zip(combination, weights, strict=True):
+        metrics[f"weight_{pole}"] = weight
+        metrics[f"reward_{pole}"] = result["rewards"][pole]
+    if "success_rate" in result:
+        metrics["success_rate"] = result["success_rate"]
+    return metrics
+
+
+def _param_space(spec: TuneConfig, n: int) -> tuple[dict[str, Any], Any, int]:
+    """(param_space, search_alg, num_samples) of a sweep over the n-simplex."""
+    from ray import tune
+
+    if spec.search == "grid":
+        points = simplex_grid(n, spec.grid_resolution)
+        return {"weights": tune.grid_search(points)}, None, 1
+    return {f"u{k}": tune.uniform(0.0, 1.0) for k in range(n - 1)}, "optuna", spec.num_samples
+
+
+def run_sweep(
+    sweep: Sweep, pool: EvaluatorPool, spec: TuneConfig, storage_path: str
+) -> list[dict[str, Any]]:
+    """One combination's Tune experiment; returns every trial's metrics (trial order)."""
+    from ray import tune
+
+    n = len(sweep.combination)
+    if n == 1:  # nothing to search: a single policy
+        result = pool.evaluate(
+            [SoupQuery({sweep.combination[0]: 1.0}, sweep.combination, sweep.preference_prompt)],
+            sweep.prompts,
+            sweep.generation,
+            sweep.seed,
+        )[0]
+        return [{"trial": 0, **trial_metrics(sweep.combination, [1.0], result)}]
+    # Tune's default console output boxes every experiment; the callback below logs one
+    # line per trial instead (the legacy reporter at verbose=0 prints nothing).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    param_space, search, num_samples = _param_space(spec, n)
+    search_alg = None
+    if search == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+        uniform = to_cube([1.0 / n] * n)
+        search_alg = OptunaSearch(
+            metric=OBJECTIVE,
+            mode="max",
+            seed=sweep.seed % 2**31,
+            points_to_evaluate=[{f"u{k}": uniform[k] for k in range(n - 1)}],
+        )
+    total = num_samples if search_alg else len(param_space["weights"]["grid_search"])
+    tuner = tune.Tuner(
+        tune.with_resources(
+            tune.with_parameters(soup_trial, pool=pool, sweep=sweep),
+            {"memory": TRIAL_MEMORY_BYTES},
+        ),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=OBJECTIVE,
+            mode="max",
+            search_alg=search_alg,
+            num_samples=num_samples,
+            max_concurrent_trials=spec.max_concurrent_trials,
+        ),
+        run_config=tune.RunConfig(
+            name=f"sweep-{sweep.key}",
+            storage_path=storage_path,
+            verbose=0,
+            callbacks=[_Progress(sweep.key, total)],
+        ),
+    )
+    grid = tuner.fit()
+    errors = [str(result.error) for result in grid if result.error is not None]
+    if errors:
+        raise PsoupsError(f"tune {sweep.key}: {len(errors)} trial(s) failed: {errors[0]}")
+    rows = []
+    for result in grid:
+        metrics = {key: result.metrics[key] for key in _metric_keys(result.metrics)}
+        metrics["trial_id"] = result.metrics["trial_id"]
+        metrics["started_at"] = result.metrics["timestamp"] - result.metrics["time_total_s"]
+        rows.append(metrics)
+    rows.sort(key=lambda row: row["started_at"])
+    return [{"trial": index, **row} for index, row in enumerate(rows)]
+
+
+def _metric_keys(metrics: dict[str, Any]) -> list[str]:
+    prefixes = ("weight_", "reward_")
+    return [
+        key
+        for key in metrics
+        if key in (OBJECTIVE, "success_rate", "response_words") or key.startswith(prefixes)
+    ]
+
+
+def best_trial(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The trial with the highest objective (the earliest among equals)."""
+    finite = [row for row in rows if math.isfinite(row[OBJECTIVE])]
+    if not finite:
+        raise PsoupsError("no trial reported a finite objective")
+    return max(finite, key=lambda row: (row[OBJECTIVE], -row["trial"]))
+
+
+class _Progress(Callback):
+    """One log line per finished trial: its weights, objective and the best so far."""
+
+    def __init__(self, key: str, total: int):
+        self.key, self.total = key, total
+        self.done, self.best = 0, -math.inf
+        self.started = time.monotonic()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.done += 1
+        self.best = max(self.best, result[OBJECTIVE])
+        weights = " ".join(
+            f"{key.removeprefix('weight_')}={value:.2f}"
+            for key, value in result.items()
+            if key.startswith("weight_")
+        )
+        success = f" success {result['success_rate']:.2f}" if "success_rate" in result else ""
+        log(
+            f"[tune {self.key}] trial {self.done}/{self.total}: {weights} -> reward "
+            f"{result[OBJECTIVE]:+.3f}{success} (best {self.best:+.3f}, "
+            f"{time.monotonic() - self.started:.0f}s)"
+        )

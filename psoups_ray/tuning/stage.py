@@ -1,0 +1,241 @@
+"""The tune stage: soup weights per combination by Ray Tune, then Pareto fronts.
+
+1. ``max_concurrent_trials`` evaluator actors load the base, every pole policy (mixed in
+   activation space) and every reward model, once.
+2. Per combination, a Tune sweep (Optuna TPE seeded with the uniform soup, or a simplex
+   grid) over the weights; the trials borrow the actors. A combination's trials are kept
+   under ``ray/tune/`` as it finishes, so an interrupted stage resumes at the next one.
+3. The tuned and the uniform soup of each combination are compared on further held-out
+   prompts that no trial saw.
+4. Pareto sweeps for pairs of poles from different dimensions, plotted.
+
+Artifacts: ``tune/<COMBO>/trials.csv`` (every trial), ``tune/summary.json``,
+``tune/pareto/<A>-<B>.png`` and ``tune/pareto.json``. Manifest: ``tune`` and
+``tuned_weights.<COMBO>`` (pole -> weight), which ``psoups merge`` and serving default to.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from psoups_ray.config import PsoupsConfig
+from psoups_ray.errors import PsoupsError
+from psoups_ray.manifest import Manifest
+from psoups_ray.progress import log
+from psoups_ray.rundir import RunDir
+from psoups_ray.seeding import derive_seed
+from psoups_ray.tuning.evaluator import SoupModels, SoupQuery, evaluator_actor_class
+from psoups_ray.tuning.pareto import (
+    front_points,
+    pareto_pairs,
+    pareto_queries,
+    plot_front,
+)
+from psoups_ray.tuning.search import EvaluatorPool, Sweep, best_trial, run_sweep
+
+RESULTS_DIR = "ray/tune/results"  # per-combination progress, discarded when the stage is redone
+
+
+def tune_prompts(config: PsoupsConfig, rundir: RunDir) -> tuple[list[str], list[str]]:
+    """(trial prompts, comparison prompts): held-out feedback prompts, disjoint."""
+    from psoups_ray.feedback import load_feedback
+
+    spec = config.tune
+    prompts = list(dict.fromkeys(row.prompt for row in load_feedback(rundir, "eval")))
+    if not prompts:
+        raise PsoupsError("the feedback stage left no held-out prompts to tune on")
+    trial = prompts[: spec.num_prompts]
+    report = prompts[spec.num_prompts : spec.num_prompts + spec.num_report_prompts]
+    if len(trial) < spec.num_prompts:
+        log(f"tune: only {len(trial)} held-out prompts (tune.num_prompts is {spec.num_prompts})")
+    if spec.num_report_prompts and not report:
+        log(
+            "tune: no held-out prompts left for the tuned-vs-uniform comparison; it uses the "
+            "trial prompts (lower tune.num_prompts to keep some apart)"
+        )
+        report = trial
+    return trial, report
+
+
+def _start_pool(config: PsoupsConfig, models: SoupModels) -> EvaluatorPool:
+    import ray
+
+    spec = config.tune
+    resources = spec.resources
+    gpus = resources.gpus if resources.use_gpu else 0.0
+    total = ray.cluster_resources()
+    if resources.cpus > total.get("CPU", 0) or gpus > total.get("GPU", 0):
+        log(
+            f"tune: warning: an evaluator needs {resources.cpus:g} CPU / {gpus:g} GPU but the "
+            f"cluster has {total.get('CPU', 0):g} / {total.get('GPU', 0):g}; it waits for an "
+            "autoscaler (or lower tune.resources)"
+        )
+    actor_class = evaluator_actor_class(resources.cpus, gpus)
+    actors = [actor_class.remote(models) for _ in range(spec.max_concurrent_trials)]
+    log(
+        f"tune: {len(actors)} evaluator actor(s) load the base, {len(models.poles)} policies "
+        f"and their reward models once ({resources.cpus:g} CPU, {gpus:g} GPU each)"
+    )
+    ray.get([actor.stats.remote() for actor in actors])  # surface loading errors here
+    return EvaluatorPool(actors)
+
+
+def _stop_pool(pool: EvaluatorPool | None) -> None:
+    import ray
+
+    if pool is None:
+        return
+    for actor in pool.actors:
+        ray.kill(actor)
+
+
+def _table_csv(rows: list[dict[str, Any]]) -> str:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _summary(result: dict[str, Any]) -> dict[str, Any]:
+    keep = ("weights", "rewards", "objective", "success_rate", "target_rates", "response_words")
+    return {key: result[key] for key in keep if key in result}
+
+
+def run_tune_stage(config: PsoupsConfig, rundir: RunDir) -> dict[str, dict[str, Any]]:
+    """Tune every target combination and draw the Pareto fronts; returns the ``tune`` and
+    ``tuned_weights`` manifest sections."""
+    spec = config.tune
+    space = config.space
+    data = Manifest.load(rundir).data
+    models = SoupModels.from_manifest(
+        data, config.base, config.rewards.max_length, spec.resources.use_gpu
+    )
+    combinations = (
+        [space.parse(text) for text in spec.combinations]
+        if spec.combinations
+        else space.full_combinations()
+    )
+    trial_prompts, report_prompts = tune_prompts(config, rundir)
+    prompted = config.policies.prompted
+    started = time.monotonic()
+    pool = None
+    try:
+        pool = _start_pool(config, models)
+        combos: dict[str, dict[str, Any]] = {}
+        tuned: dict[str, dict[str, float]] = {}
+        for index, combination in enumerate(combinations, start=1):
+            poles = tuple(combination)
+            sweep = Sweep(
+                combination=poles,
+                prompts=tuple(trial_prompts),
+                preference_prompt=space.preference_prompt(combination) if prompted else None,
+                generation=spec.generation,
+                seed=derive_seed(config.seed, "tune", str(combination)),
+            )
+            progress = f"{RESULTS_DIR}/{sweep.key}.json"
+            if rundir.exists(progress):
+                rows = rundir.read_json(progress)
+                log(f"tune [{index}/{len(combinations)}] {sweep.key}: trials already done")
+            else:
+                log(f"tune [{index}/{len(combinations)}] {sweep.key}: {spec.search} search")
+                rows = run_sweep(sweep, pool, spec, rundir.uri("ray/tune"))
+                rundir.write_json(progress, rows)
+            rundir.write_text(f"tune/{sweep.key}/trials.csv", _table_csv(rows))
+            best = best_trial(rows)
+            tuned[sweep.key] = {pole: float(best[f"weight_{pole}"]) for pole in poles}
+            combos[sweep.key] = {
+                "trials": len(rows),
+                "trials_path": rundir.uri(f"tune/{sweep.key}/trials.csv"),
+                "best_trial": best,
+                "first_trial": rows[0],
+            }
+        if report_prompts:
+            _compare(config, pool, combos, tuned, report_prompts, prompted)
+        pareto = _pareto(config, rundir, pool, tuned, trial_prompts) if spec.pareto else {}
+        evaluators = pool.stats()
+    finally:
+        _stop_pool(pool)
+    section = {
+        "search": spec.search,
+        "evaluators": evaluators,  # each loaded the models once and served this many calls
+        "num_trial_prompts": len(trial_prompts),
+        "num_report_prompts": len(report_prompts),
+        "combinations": combos,
+        "pareto": pareto,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    rundir.write_json("tune/summary.json", {**section, "tuned_weights": tuned})
+    return {"tune": section, "tuned_weights": tuned}
+
+
+def _compare(config, pool, combos, tuned, prompts, prompted) -> None:
+    """Uniform vs tuned soup of every combination on prompts no trial saw."""
+    space, spec = config.space, config.tune
+    requests, keys = [], []
+    for key, weights in tuned.items():
+        combination = space.parse(key)
+        poles = tuple(combination)
+        prompt = space.preference_prompt(combination) if prompted else None
+        uniform = {pole: 1.0 / len(poles) for pole in poles}
+        queries = [SoupQuery(uniform, poles, prompt), SoupQuery(weights, poles, prompt)]
+        seed = derive_seed(config.seed, "tune-compare", key)
+        requests.append((queries, list(prompts), spec.generation, seed))
+        keys.append(key)
+    log(f"tune: comparing tuned and uniform soups on {len(prompts)} further held-out prompts")
+    for key, (uniform, best) in zip(keys, pool.map(requests), strict=True):
+        combos[key]["held_out"] = {"uniform": _summary(uniform), "tuned": _summary(best)}
+    _log_comparison(combos)
+
+
+def _log_comparison(combos: dict[str, dict[str, Any]]) -> None:
+    log("tune: held-out comparison (mean normalised reward; success = every pole shown)")
+    for key, record in combos.items():
+        uniform, tuned = record["held_out"]["uniform"], record["held_out"]["tuned"]
+        line = f"  {key:<14} uniform {uniform['objective']:+.3f}  tuned {tuned['objective']:+.3f}"
+        if "success_rate" in tuned:
+            line += f"  success {uniform['success_rate']:.2f} -> {tuned['success_rate']:.2f}"
+        weights = ", ".join(f"{p}={w:.2f}" for p, w in tuned["weights"].items())
+        log(f"{line}  ({weights})")
+
+
+def _pareto(config, rundir, pool, tuned, trial_prompts) -> dict[str, Any]:
+    space, spec = config.space, config.tune
+    pairs = pareto_pairs(space)
+    if not pairs:
+        return {}
+    soups = {
+        key: {"uniform": {p: 1.0 / len(weights) for p in weights}, "tuned": weights}
+        for key, weights in tuned.items()
+        if len(weights) > 1
+    }
+    prompts = trial_prompts[: spec.pareto_prompts]
+    requests, labels = [], []
+    for pair in pairs:
+        queries, pair_labels = pareto_queries(
+            space, pair, spec.pareto_points, soups, config.policies.prompted
+        )
+        seed = derive_seed(config.seed, "pareto", pair.key)
+        requests.append((queries, prompts, spec.generation, seed))
+        labels.append(pair_labels)
+    log(
+        f"tune: Pareto fronts of {len(pairs)} pole pairs, {spec.pareto_points} weights each, "
+        f"on {len(prompts)} prompts"
+    )
+    results = pool.map(requests)
+    fronts: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="psoups-pareto-") as workdir:
+        for pair, pair_labels, pair_results in zip(pairs, labels, results, strict=True):
+            points = front_points(pair, pair_labels, pair_results)
+            path = Path(workdir, f"{pair.key}.png")
+            plot_front(pair, points, str(path))
+            rundir.write_bytes(f"tune/pareto/{pair.key}.png", path.read_bytes())
+            fronts[pair.key] = {"a": pair.a, "b": pair.b, "points": points}
+    rundir.write_json("tune/pareto.json", fronts)
+    return {key: rundir.uri(f"tune/pareto/{key}.png") for key in fronts}

@@ -1,0 +1,249 @@
+"""The tune stage for real: Ray Tune sweeps served by evaluator actors over the smoke run's
+PPO policies (P2 x P3), tuned weights in the manifest, Pareto fronts; and the simplex."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from psoups_ray.config import load_config
+from psoups_ray.errors import ConfigError
+from psoups_ray.manifest import Manifest
+from psoups_ray.pipeline import run_pipeline
+from psoups_ray.preferences import PreferenceSpace
+from psoups_ray.rundir import RunDir
+from psoups_ray.tuning.pareto import interpolation_weights, pareto_pairs
+from psoups_ray.tuning.simplex import from_cube, simplex_grid, to_cube
+
+COMBOS = ["P2A+P3A", "P2A+P3B", "P2B+P3A", "P2B+P3B"]
+
+
+# -- the simplex ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_cube_to_simplex_is_a_bijection_onto_the_simplex(n):
+    rng = random.Random(n)
+    for _ in range(200):
+        u = [rng.random() for _ in range(n - 1)]
+        w = from_cube(u)
+        assert len(w) == n and all(x >= 0 for x in w) and math.isclose(sum(w), 1.0)
+        assert to_cube(w) == pytest.approx(u, abs=1e-9)
+    assert from_cube(to_cube([1.0 / n] * n)) == pytest.approx([1.0 / n] * n)
+    assert from_cube([1.0] + [0.0] * (n - 2)) == pytest.approx([1.0] + [0.0] * (n - 1))
+
+
+def test_uniform_cube_samples_cover_the_simplex_evenly():
+    rng = random.Random(0)
+    samples = [from_cube([rng.random(), rng.random()]) for _ in range(20000)]
+    means = [sum(s[i] for s in samples) / len(samples) for i in range(3)]
+    assert means == pytest.approx([1 / 3] * 3, abs=0.01)  # Dirichlet(1,1,1): all means 1/3
+    # ... and each weight's marginal is Beta(1, 2): P(w_i < 0.5) = 0.75
+    for i in range(3):
+        assert sum(s[i] < 0.5 for s in samples) / len(samples) == pytest.approx(0.75, abs=0.01)
+
+
+def test_simplex_grid_enumerates_every_point_once():
+    for n, resolution in [(2, 10), (3, 10), (3, 4), (4, 3)]:
+        points = simplex_grid(n, resolution)
+        assert len(points) == math.comb(resolution + n - 1, n - 1)
+        assert len({tuple(p) for p in points}) == len(points)
+        for point in points:
+            assert math.isclose(sum(point), 1.0) and min(point) >= 0
+            assert all(math.isclose(x * resolution, round(x * resolution)) for x in point)
+        corners = {tuple(float(i == j) for i in range(n)) for j in range(n)}
+        assert corners <= {tuple(p) for p in points}
+    assert len(simplex_grid(3, 10)) == 66
+
+
+def test_pareto_pairs_cross_dimensions():
+    space = PreferenceSpace.default()
+    pairs = pareto_pairs(space)
+    assert len(pairs) == 12  # 3 pairs of dimensions x 2 x 2 poles
+    for pair in pairs:
+        assert space.dimension_of(pair.a).id != space.dimension_of(pair.b).id
+    assert interpolation_weights(11) == pytest.approx([i / 10 for i in range(11)])
+
+
+def test_tune_config_is_validated():
+    with pytest.raises(ConfigError, match=r"tune.combinations\[0\].*P1A.*P1B"):
+        load_config(None, ["tune.combinations=[P1A+P1B+P2A]"])
+    with pytest.raises(ConfigError, match="unknown pole"):
+        load_config(None, ["tune.combinations=[P1A+P9Z]"])
+    with pytest.raises(ConfigError, match="tune.generation.max_new_tokens"):
+        load_config(None, ["tune.generation.max_new_tokens=300"])
+    with pytest.raises(ConfigError, match="tune.search"):
+        load_config(None, ["tune.search=random"])
+
+
+# -- the stage -----------------------------------------------------------------------
+
+
+def _config(*overrides: str):
+    from conftest import policy_test_config
+
+    return policy_test_config("tune.pareto_points=11", *overrides)
+
+
+@pytest.fixture(scope="module")
+def tune_run(policy_run, tmp_path_factory):
+    source, _ = policy_run
+    out = tmp_path_factory.mktemp("tune") / "run"
+    shutil.copytree(source, out)
+    manifest = run_pipeline(_config(), str(out), ["tune"], run_prerequisites=False)
+    return out, manifest
+
+
+def _trials(out: Path, combo: str) -> list[dict[str, float]]:
+    with open(out / "tune" / combo / "trials.csv") as handle:
+        return [
+            {k: float(v) if k != "trial_id" else v for k, v in row.items()}
+            for row in csv.DictReader(handle)
+        ]
+
+
+@pytest.mark.integration
+def test_every_combination_is_tuned_by_ray_tune(tune_run):
+    out, manifest = tune_run
+    assert manifest.is_complete("tune")
+    tuned = manifest.data["tuned_weights"]
+    section = manifest.data["tune"]
+    assert sorted(tuned) == COMBOS
+    for combo, weights in tuned.items():
+        poles = combo.split("+")
+        assert list(weights) == poles
+        assert min(weights.values()) >= 0 and math.isclose(sum(weights.values()), 1.0)
+        rows = _trials(out, combo)
+        assert len(rows) == 3  # tune.num_samples (smoke)
+        # Optuna starts from the uniform soup.
+        assert [rows[0][f"weight_{p}"] for p in poles] == pytest.approx([0.5, 0.5])
+        for row in rows:
+            rewards = [row[f"reward_{p}"] for p in poles]
+            assert row["objective"] == pytest.approx(sum(rewards) / len(rewards))
+            assert 0.0 <= row["success_rate"] <= 1.0
+        best = max(rows, key=lambda row: row["objective"])
+        assert [weights[p] for p in poles] == pytest.approx([best[f"weight_{p}"] for p in poles])
+        held_out = section["combinations"][combo]["held_out"]
+        assert held_out["tuned"]["weights"] == pytest.approx(weights)
+        assert held_out["uniform"]["weights"] == pytest.approx({p: 0.5 for p in poles})
+        assert 0.0 <= held_out["tuned"]["success_rate"] <= 1.0
+    # Two long-lived evaluators served every trial, the comparison and the Pareto sweeps:
+    # the models were loaded twice in all, not once per trial.
+    evaluators = section["evaluators"]
+    assert len(evaluators) == 2 and len({e["pid"] for e in evaluators}) == 2
+    assert sum(e["calls"] for e in evaluators) == 4 * 3 + 4 + 4
+    assert all(e["calls"] > 1 for e in evaluators)
+
+
+@pytest.mark.integration
+def test_pareto_fronts_are_swept_and_plotted(tune_run):
+    out, manifest = tune_run
+    plots = manifest.data["tune"]["pareto"]
+    assert sorted(plots) == ["P2A-P3A", "P2A-P3B", "P2B-P3A", "P2B-P3B"]
+    fronts = json.loads((out / "tune" / "pareto.json").read_text())
+    for key, path in plots.items():
+        assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        points = fronts[key]["points"]
+        line = [p for p in points if p["kind"] == "interpolation"]
+        assert [p["weight_a"] for p in line] == pytest.approx([i / 10 for i in range(11)])
+        marked = {(p["kind"], p["combination"]) for p in points if p["kind"] != "interpolation"}
+        assert marked == {("uniform", key.replace("-", "+")), ("tuned", key.replace("-", "+"))}
+        for point in points:
+            assert math.isfinite(point["reward_a"]) and math.isfinite(point["reward_b"])
+
+
+@pytest.mark.integration
+def test_a_trial_is_reproduced_by_the_evaluator_in_process(tune_run):
+    """Trial results are real measurements: the same soup, prompts and seed give the same
+    rewards outside Ray."""
+    from psoups_ray.seeding import derive_seed
+    from psoups_ray.tuning.evaluator import SoupEvaluator, SoupModels, SoupQuery
+    from psoups_ray.tuning.stage import tune_prompts
+
+    out, manifest = tune_run
+    config = _config()
+    rundir = RunDir(out)
+    combo = "P2A+P3B"
+    best = max(_trials(out, combo), key=lambda row: row["objective"])
+    poles = tuple(combo.split("+"))
+    weights = {p: best[f"weight_{p}"] for p in poles}
+    models = SoupModels.from_manifest(manifest.data, config.base, config.rewards.max_length, False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the 1-CPU actor
+    try:
+        evaluator = SoupEvaluator(models)
+        result = evaluator.evaluate(
+            [SoupQuery(weights, poles)],
+            tune_prompts(config, rundir)[0],
+            config.tune.generation,
+            derive_seed(config.seed, "tune", combo),
+        )[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert result["objective"] == pytest.approx(best["objective"], abs=1e-4)
+    for pole in poles:
+        assert result["rewards"][pole] == pytest.approx(best[f"reward_{pole}"], abs=1e-4)
+
+
+@pytest.mark.integration
+def test_merge_defaults_to_the_tuned_weights(tune_run, tmp_path):
+    from psoups_ray.soup.export import make_soup
+
+    out, manifest = tune_run
+    summary = make_soup(str(out), "P3B+P2A", str(tmp_path / "soup"))
+    assert summary["weights_from"] == "tuned"
+    assert summary["weights"] == pytest.approx(manifest.data["tuned_weights"]["P2A+P3B"])
+
+
+@pytest.mark.integration
+def test_an_interrupted_stage_resumes_and_grid_search_walks_the_simplex(tune_run, tmp_path):
+    source, manifest = tune_run
+    out = tmp_path / "run"
+    shutil.copytree(source, out)
+    rundir = RunDir(out)
+    Manifest.load(rundir).fail_stage("tune", "interrupted")  # as if killed after 3 sweeps
+    rundir.delete("ray/tune/results/P2B+P3B.json")
+    resumed = run_pipeline(_config(), str(out), ["tune"], run_prerequisites=False)
+    tuned = resumed.data["tuned_weights"]
+    for combo in COMBOS[:3]:
+        assert tuned[combo] == manifest.data["tuned_weights"][combo]
+    calls = sum(e["calls"] for e in resumed.data["tune"]["evaluators"])
+    assert calls == 3 + 4 + 4  # one sweep redone, then the comparison and the fronts
+
+    grid = _config(
+        "tune.search=grid",
+        "tune.grid_resolution=4",
+        "tune.combinations=[P2A+P3B]",
+        "tune.pareto=false",
+        "tune.num_report_prompts=0",
+    )
+    manifest = run_pipeline(grid, str(out), ["tune"], force=True, run_prerequisites=False)
+    rows = _trials(out, "P2A+P3B")
+    assert sorted(row["weight_P2A"] for row in rows) == pytest.approx([0, 0.25, 0.5, 0.75, 1])
+    assert all(math.isclose(row["weight_P2A"] + row["weight_P3B"], 1.0) for row in rows)
+    best = max(rows, key=lambda row: row["objective"])
+    assert manifest.data["tuned_weights"] == {
+        "P2A+P3B": {"P2A": best["weight_P2A"], "P3B": best["weight_P3B"]}
+    }
+    assert manifest.data["tune"]["pareto"] == {}
+
+
+def test_jobs_script_runs_the_stage_help():
+    result = subprocess.run(
+        [sys.executable, "jobs/tune.py", "--help"],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0 and "tune" in result.stdout
+
