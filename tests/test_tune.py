@@ -246,4 +246,3 @@ def test_jobs_script_runs_the_stage_help():
         timeout=120,
     )
     assert result.returncode == 0 and "tune" in result.stdout
-
