@@ -124,8 +124,10 @@ def test_every_combination_is_tuned_by_ray_tune(tune_run):
         assert min(weights.values()) >= 0 and math.isclose(sum(weights.values()), 1.0)
         rows = _trials(out, combo)
         assert len(rows) == 3  # tune.num_samples (smoke)
-        # Optuna starts from the uniform soup.
-        assert [rows[0][f"weight_{p}"] for p in poles] == pytest.approx([0.5, 0.5])
+        # Optuna's first suggestion is the uniform soup (concurrent trials may start in
+        # either order).
+        uniform = [row for row in rows if row[f"weight_{poles[0]}"] == pytest.approx(0.5)]
+        assert len(uniform) == 1, rows
         for row in rows:
             rewards = [row[f"reward_{p}"] for p in poles]
             assert row["objective"] == pytest.approx(sum(rewards) / len(rewards))

@@ -104,6 +104,7 @@ def soup_trial(config: dict[str, Any], pool: EvaluatorPool, sweep: Sweep) -> Non
     """The Tune trainable: one soup measured, one result reported."""
     from ray import tune
 
+    started_at = time.time()
     weights = _weights_of(config, len(sweep.combination))
     query = SoupQuery(
         dict(zip(sweep.combination, weights, strict=True)),
@@ -111,7 +112,7 @@ def soup_trial(config: dict[str, Any], pool: EvaluatorPool, sweep: Sweep) -> Non
         sweep.preference_prompt,
     )
     result = pool.evaluate([query], sweep.prompts, sweep.generation, sweep.seed)[0]
-    tune.report(trial_metrics(sweep.combination, weights, result))
+    tune.report({**trial_metrics(sweep.combination, weights, result), "started_at": started_at})
 
 
 def trial_metrics(combination, weights, result: dict[str, Any]) -> dict[str, float]:
@@ -196,7 +197,7 @@ def run_sweep(
     for result in grid:
         metrics = {key: result.metrics[key] for key in _metric_keys(result.metrics)}
         metrics["trial_id"] = result.metrics["trial_id"]
-        metrics["started_at"] = result.metrics["timestamp"] - result.metrics["time_total_s"]
+        metrics["started_at"] = result.metrics["started_at"]
         rows.append(metrics)
     rows.sort(key=lambda row: row["started_at"])
     return [{"trial": index, **row} for index, row in enumerate(rows)]
