@@ -112,6 +112,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("--out", required=True, metavar="DIR", help="new output directory")
 
+    serve_cmd = commands.add_parser(
+        "serve",
+        help="serve a run's soups: OpenAI-compatible Ray Serve app on 127.0.0.1 (Ctrl-C stops)",
+        description="Deploy the Ray Serve application for a run directory and block until "
+        "interrupted. Any combination per request: model 'psoups:P1A+P2B+P3A'.",
+    )
+    serve_cmd.add_argument("--run", required=True, metavar="RUN", help="run directory")
+    serve_cmd.add_argument(
+        "--config",
+        metavar="YAML",
+        help="Serve config whose args and deployments to use, e.g. serve_configs/tiny.yaml "
+        "(its args.run is replaced by --run)",
+    )
+    serve_cmd.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)"
+    )
+    serve_cmd.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+
     config = commands.add_parser(
         "config", help="print the resolved configuration, or --explain every key"
     )
@@ -140,6 +158,14 @@ def _command(args: argparse.Namespace) -> int:
             args.density,
             args.allow_negative,
         )
+        return 0
+
+    if args.command == "serve":
+        from psoups_ray.serving.launch import serve_forever
+
+        if not 0 < args.port < 65536:
+            raise PsoupsError(f"--port must be in 1-65535, got {args.port}")
+        serve_forever(args.run, args.config, args.host, args.port)
         return 0
 
     if args.command == "config" and args.explain:

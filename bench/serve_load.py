@@ -1,0 +1,277 @@
+"""Load generator and serving benchmark for the psoups Serve app (127.0.0.1 only).
+
+Drive a running endpoint:
+
+    python bench/serve_load.py load --url http://127.0.0.1:8000 --concurrency 8 --requests 64
+
+prints throughput, latency percentiles (p50/p95/p99) and the error count; the load is
+bounded by ``--requests`` and ``--duration``.
+
+Benchmark a run end to end (starts its own local Ray cluster and the app, then stops
+them):
+
+    python bench/serve_load.py bench --run runs/tiny            # --smoke-test: tiny sizes
+
+measures, in one run on one machine: (1) ``mixing`` throughput with 8 concurrent
+requests for 8 different combinations vs all for one combination (ratio, target >= 0.7);
+(2) single-request latency over HTTP vs an in-process ``SoupEngine.generate`` of the same
+tokens (ratio, target <= 1.3); (3) autoscaling: under sustained load the SoupModel replica
+count rises above ``min_replicas`` and falls back afterwards (logged with timestamps).
+The ``merged`` strategy comparison is not available yet (that strategy is not built).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+QUESTIONS = ["What is salt?", "How do volcanoes work?", "Why is the sky blue?", "What is rain?"]
+
+
+def _check_local(url: str) -> None:
+    host = urlparse(url).hostname
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise SystemExit(f"refusing to load-test {host}: this tool only targets 127.0.0.1")
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+async def run_load(
+    url: str,
+    models: list[str],
+    concurrency: int,
+    requests: int,
+    duration: float,
+    max_tokens: int,
+    api_key: str | None = None,
+) -> dict[str, float]:
+    """``requests`` chat completions (at most ``duration`` seconds), ``concurrency`` at a
+    time, cycling through ``models``; returns throughput and latency statistics."""
+    import httpx
+
+    _check_local(url)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    latencies: list[float] = []
+    tokens = 0
+    errors = 0
+    counter = itertools.count()
+    deadline = time.monotonic() + duration
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal tokens, errors
+        while time.monotonic() < deadline:
+            index = next(counter)
+            if index >= requests:
+                return
+            body = {
+                "model": models[index % len(models)],
+                "messages": [{"role": "user", "content": QUESTIONS[index % len(QUESTIONS)]}],
+                "max_tokens": max_tokens,
+                "seed": index,
+            }
+            started = time.monotonic()
+            try:
+                response = await client.post(f"{url}/v1/chat/completions", json=body)
+                if response.status_code != 200:
+                    errors += 1
+                    continue
+                tokens += response.json()["usage"]["completion_tokens"]
+                latencies.append(time.monotonic() - started)
+            except httpx.HTTPError:
+                errors += 1
+
+    started = time.monotonic()
+    async with httpx.AsyncClient(headers=headers, timeout=300) as client:
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    elapsed = time.monotonic() - started
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "seconds": elapsed,
+        "requests_per_s": len(latencies) / elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "p50_s": _percentile(latencies, 50),
+        "p95_s": _percentile(latencies, 95),
+        "p99_s": _percentile(latencies, 99),
+    }
+
+
+def _print_stats(label: str, stats: dict[str, float]) -> None:
+    print(
+        f"{label}: {stats['requests']} ok, {stats['errors']} errors in {stats['seconds']:.1f}s; "
+        f"{stats['requests_per_s']:.2f} req/s, {stats['tokens_per_s']:.1f} tokens/s; latency "
+        f"p50 {stats['p50_s']:.3f}s p95 {stats['p95_s']:.3f}s p99 {stats['p99_s']:.3f}s"
+    )
+
+
+def _replicas() -> int:
+    from ray import serve
+
+    status = serve.status().applications["psoups"].deployments["SoupModel"]
+    return int(status.replica_states.get("RUNNING", 0))
+
+
+def bench(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from psoups_ray.serving.app import build_app
+    from psoups_ray.serving.engine import SoupCatalog
+
+    catalog = SoupCatalog(args.run)
+    combos = ["+".join(c) for c in catalog.space.full_combinations()][:8]
+    max_tokens, requests = (8, 16) if args.smoke_test else (args.max_tokens, args.requests)
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    port = args.port
+    url = f"http://127.0.0.1:{port}"
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        options = {
+            "SoupModel": {
+                "max_ongoing_requests": 16,
+                "autoscaling_config": {
+                    "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
+                    "upscale_delay_s": 1, "downscale_delay_s": 5,
+                    "metrics_interval_s": 0.5, "look_back_period_s": 2,
+                },
+                "ray_actor_options": {"num_cpus": 0.5,
+                                      "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1"}}},
+            },
+            "Ingress": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}},
+        }  # fmt: skip
+        app = build_app(
+            {"run": args.run, "max_batch_size": 8, "max_tokens": max(max_tokens, 16)}, options
+        )
+        serve.run(app, name="psoups", route_prefix="/")
+        asyncio.run(run_load(url, ["psoups:base"], 1, 2, 60, 4))  # warm-up
+
+        # (2) latency: one request at a time over HTTP vs in process, same tokens.
+        http = asyncio.run(run_load(url, [f"psoups:{combos[0]}"], 1, 5, 300, max_tokens))
+        in_process = _in_process_latency(args.run, combos[0], max_tokens, 5)
+
+        # (1) throughput: 8 concurrent requests, 8 combinations vs one combination.
+        mixed = asyncio.run(
+            run_load(url, [f"psoups:{c}" for c in combos], 8, requests, 600, max_tokens)
+        )
+        single = asyncio.run(run_load(url, [f"psoups:{combos[0]}"], 8, requests, 600, max_tokens))
+
+        # (3) autoscaling under sustained load, then idle.
+        timeline = _autoscaling(url, combos, max_tokens, args.smoke_test)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    _print_stats("latency, HTTP, 1 at a time", http)
+    print(f"latency, in-process SoupEngine.generate: p50 {in_process:.3f}s")
+    _print_stats("mixing, 8 combinations, 8 concurrent", mixed)
+    _print_stats("mixing, 1 combination, 8 concurrent", single)
+    print("autoscaling timeline (s since load start: SoupModel replicas):")
+    print("  " + ", ".join(f"{t:.0f}s:{n}" for t, n in timeline))
+    peak = max(n for _, n in timeline)
+    print(f"replicas: min 1, peak under load {peak}, at the end {timeline[-1][1]}")
+    ratios = {
+        "mixed_vs_single_combination_throughput": mixed["tokens_per_s"] / single["tokens_per_s"],
+        "http_vs_in_process_latency": http["p50_s"] / in_process,
+        "peak_replicas": peak,
+        "final_replicas": timeline[-1][1],
+    }
+    print("RATIOS " + json.dumps(ratios))
+    return 0
+
+
+def _in_process_latency(run: str, combo: str, max_tokens: int, repeats: int) -> float:
+    import torch
+
+    from psoups_ray.prompting import format_prompt
+    from psoups_ray.serving.engine import GenerationJob, SamplingParams, SoupEngine
+
+    torch.set_num_threads(1)  # as the replica (OMP_NUM_THREADS=1)
+    engine = SoupEngine(run, device="cpu")
+    weights = engine.catalog.resolve(f"psoups:{combo}").weights
+    times = []
+    for index in range(repeats + 1):
+        prompt = format_prompt(engine.tokenizer, QUESTIONS[index % len(QUESTIONS)])
+        job = GenerationJob(prompt, weights, SamplingParams(max_tokens, seed=index))
+        started = time.monotonic()
+        engine.generate([job])
+        if index:  # the first is a warm-up
+            times.append(time.monotonic() - started)
+    return statistics.median(times)
+
+
+def _autoscaling(url: str, combos: list[str], max_tokens: int, smoke: bool):
+    """Sustained load from a background thread while sampling the replica count."""
+    import threading
+
+    models = [f"psoups:{c}" for c in combos]
+    load_seconds = 15 if smoke else 40
+    thread = threading.Thread(
+        target=lambda: asyncio.run(run_load(url, models, 8, 10**6, load_seconds, max_tokens))
+    )
+    started = time.monotonic()
+    thread.start()
+    timeline = []
+    settle = load_seconds + (30 if smoke else 60)
+    while time.monotonic() - started < settle:
+        timeline.append((time.monotonic() - started, _replicas()))
+        if (
+            not thread.is_alive()
+            and timeline[-1][1] == 1
+            and time.monotonic() - started > (load_seconds + 5)
+        ):
+            break
+        time.sleep(1)
+    thread.join()
+    return timeline
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    load = commands.add_parser("load", help="drive a running endpoint")
+    load.add_argument("--url", default="http://127.0.0.1:8000")
+    load.add_argument("--model", action="append", help="model ids to cycle (repeatable)")
+    load.add_argument("--concurrency", type=int, default=8)
+    load.add_argument("--requests", type=int, default=64)
+    load.add_argument("--duration", type=float, default=120, help="seconds at most")
+    load.add_argument("--max-tokens", type=int, default=32)
+    load.add_argument("--api-key")
+    run = commands.add_parser("bench", help="start the app for a run and measure it")
+    run.add_argument("--run", required=True)
+    run.add_argument("--port", type=int, default=8000)
+    run.add_argument("--cpus", type=int, default=2)
+    run.add_argument("--requests", type=int, default=64)
+    run.add_argument("--max-tokens", type=int, default=32)
+    run.add_argument("--smoke-test", action="store_true")
+    args = parser.parse_args()
+    if args.command == "bench":
+        return bench(args)
+    if args.concurrency < 1 or args.requests < 1 or args.duration <= 0:
+        raise SystemExit("--concurrency and --requests must be >= 1, --duration > 0")
+    stats = asyncio.run(
+        run_load(args.url, args.model or ["psoups:base"], args.concurrency, args.requests,
+                 args.duration, args.max_tokens, args.api_key)
+    )  # fmt: skip
+    _print_stats("load", stats)
+    print("STATS " + json.dumps(stats))
+    return 0 if stats["requests"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
