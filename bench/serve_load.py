@@ -221,6 +221,9 @@ def _autoscaling(url: str, combos: list[str], max_tokens: int, smoke: bool):
 
     models = [f"psoups:{c}" for c in combos]
     load_seconds = 15 if smoke else 40
+    wait_until = time.monotonic() + 90  # start from min_replicas
+    while _replicas() > 1 and time.monotonic() < wait_until:
+        time.sleep(1)
     thread = threading.Thread(
         target=lambda: asyncio.run(run_load(url, models, 8, 10**6, load_seconds, max_tokens))
     )

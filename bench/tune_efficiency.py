@@ -36,10 +36,15 @@ def main() -> int:
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=192)
     parser.add_argument("--concurrency", type=int, default=2, help="evaluator actors")
+    parser.add_argument(
+        "--remeasure-seeds", type=int, default=4,
+        help="sampling seeds for re-measuring both winners on unseen prompts",
+    )  # fmt: skip
     parser.add_argument("--smoke-test", action="store_true", help="tiny sizes, seconds")
     args = parser.parse_args()
     if args.smoke_test:
         args.grid_resolution, args.num_prompts, args.max_new_tokens = 2, 2, 16
+        args.remeasure_seeds = 1
 
     import ray
 
@@ -106,17 +111,20 @@ def main() -> int:
         report_prompts = tune_prompts(config, rundir)[1]
         from psoups_ray.tuning.evaluator import SoupQuery
 
-        rescored = pool.evaluate(
+        queries = [
+            SoupQuery({p: results[name]["weights_exact"][p] for p in poles}, poles)
+            for name in ("grid", "optuna")
+        ]
+        rescored = pool.map(
             [
-                SoupQuery({p: results[name]["weights_exact"][p] for p in poles}, poles)
-                for name in ("grid", "optuna")
-            ],
-            report_prompts,
-            sweep.generation,
-            derive_seed(config.seed, "tune-compare", sweep.key),
-        )
-        for name, result in zip(("grid", "optuna"), rescored, strict=True):
-            results[name]["held_out"] = result["objective"]
+                (queries, list(report_prompts), sweep.generation,
+                 derive_seed(config.seed, "tune-remeasure", sweep.key, repeat))
+                for repeat in range(args.remeasure_seeds)
+            ]
+        )  # fmt: skip
+        for index, name in enumerate(("grid", "optuna")):
+            values = [repeat[index]["objective"] for repeat in rescored]
+            results[name]["held_out"] = sum(values) / len(values)
     finally:
         ray.shutdown()
 
@@ -127,7 +135,8 @@ def main() -> int:
         print(
             f"{name:>6}: {result['trials']:3d} trials, best mean normalised reward "
             f"{result['best']:+.4f} at {result['weights']} ({result['seconds']:.0f}s); "
-            f"re-measured on {len(report_prompts)} unseen prompts: {result['held_out']:+.4f}"
+            f"re-measured on {len(report_prompts)} unseen prompts x {args.remeasure_seeds} seeds: "
+            f"{result['held_out']:+.4f}"
         )
     ratios = {
         "best": optuna["best"] / grid["best"] if grid["best"] > 0 else None,

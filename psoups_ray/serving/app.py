@@ -137,6 +137,16 @@ class SoupModel:
             if out.finished:
                 return
 
+    async def complete(self, job: GenerationJob) -> tuple[str, Any]:
+        """The whole response in one reply (non-streaming requests: no per-token hops)."""
+        text, last = "", None
+        async for out in self._decode(job):
+            text += out.text
+            last = out
+            if out.finished:
+                break
+        return text, last
+
     def info(self) -> dict[str, Any]:
         return {"poles": self.engine.poles, "max_context": self.engine.max_context,
                 "pid": os.getpid()}  # fmt: skip
@@ -159,8 +169,8 @@ class Ingress:
         self.settings = ServeArgs.model_validate(args)
         self.catalog = SoupCatalog(self.settings.run)
         self.tokenizer = load_tokenizer(local_reference(self.catalog.tokenizer_path))
-        self.model = model.options(stream=True)
-        self._info_handle = model
+        self.model = model.options(stream=True)  # token by token, for stream=true
+        self._info_handle = model  # one reply per call
         self.token = token
         self.max_context: int | None = None
 
@@ -337,11 +347,7 @@ class Ingress:
         return {p: w for p, w in zip(self.catalog.poles, soup.weights, strict=True) if w}
 
     async def _collect(self, job: GenerationJob):
-        text, last = "", None
-        async for out in self.model.generate.remote(job):
-            text += out.text
-            last = out
-        return text, last
+        return await self._info_handle.complete.remote(job)
 
     async def _sse(self, jobs, meta, chat: bool, include_usage: bool):
         """Server-sent events: choices interleaved as their tokens arrive, then [DONE]."""
