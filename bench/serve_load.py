@@ -17,7 +17,8 @@ requests for 8 different combinations vs all for one combination (ratio, target 
 (2) single-request latency over HTTP vs an in-process ``SoupEngine.generate`` of the same
 tokens (ratio, target <= 1.3); (3) autoscaling: under sustained load the SoupModel replica
 count rises above ``min_replicas`` and falls back afterwards (logged with timestamps).
-The ``merged`` strategy comparison is not available yet (that strategy is not built).
+(4) ``mixing`` vs ``merged`` (cache of 2 merged copies) throughput for the 8
+combinations (target >= 3). Throughput phases use one replica of each strategy.
 """
 
 from __future__ import annotations
@@ -142,36 +143,49 @@ def bench(args: argparse.Namespace) -> int:
     url = f"http://127.0.0.1:{port}"
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        options = {
-            "SoupModel": {
-                "max_ongoing_requests": 16,
-                "autoscaling_config": {
-                    "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
-                    "upscale_delay_s": 1, "downscale_delay_s": 5,
-                    "metrics_interval_s": 0.5, "look_back_period_s": 2,
-                },
-                "ray_actor_options": {"num_cpus": 0.5,
-                                      "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1"}}},
-            },
-            "Ingress": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}},
-        }  # fmt: skip
-        app = build_app(
-            {"run": args.run, "max_batch_size": 8, "max_tokens": max(max_tokens, 16)}, options
-        )
-        serve.run(app, name="psoups", route_prefix="/")
-        asyncio.run(run_load(url, ["psoups:base"], 1, 2, 60, 4))  # warm-up
+        replica = {"num_cpus": 0.5, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1"}}}
+        ingress = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}}
+        fixed = {"num_replicas": 1, "max_ongoing_requests": 16, "ray_actor_options": replica}
+        app_args = {"run": args.run, "max_batch_size": 8, "max_tokens": max(max_tokens, 16)}
+
+        def deploy(strategy: str, name: str, prefix: str, model_options: dict) -> str:
+            app = build_app(
+                {**app_args, "strategy": strategy, "merged_cache_size": 2},
+                {"SoupModel": model_options, "Ingress": ingress},
+            )
+            serve.run(app, name=name, route_prefix=prefix)
+            return f"{url}{prefix.rstrip('/')}"
+
+        # One replica each for the like-for-like measurements.
+        mixing_url = deploy("mixing", "psoups", "/", fixed)
+        asyncio.run(run_load(mixing_url, ["psoups:base"], 1, 2, 60, 4))  # warm-up
 
         # (2) latency: one request at a time over HTTP vs in process, same tokens.
-        http = asyncio.run(run_load(url, [f"psoups:{combos[0]}"], 1, 5, 300, max_tokens))
+        http = asyncio.run(run_load(mixing_url, [f"psoups:{combos[0]}"], 1, 5, 300, max_tokens))
         in_process = _in_process_latency(args.run, combos[0], max_tokens, 5)
 
-        # (1) throughput: 8 concurrent requests, 8 combinations vs one combination.
-        mixed = asyncio.run(
-            run_load(url, [f"psoups:{c}" for c in combos], 8, requests, 600, max_tokens)
+        # (1) throughput: 8 concurrent requests, 8 combinations vs one combination, and
+        # the merged strategy with a cache of 2 merged copies for the same 8 combinations.
+        models = [f"psoups:{c}" for c in combos]
+        mixed = asyncio.run(run_load(mixing_url, models, 8, requests, 600, max_tokens))
+        single = asyncio.run(
+            run_load(mixing_url, [f"psoups:{combos[0]}"], 8, requests, 600, max_tokens)
         )
-        single = asyncio.run(run_load(url, [f"psoups:{combos[0]}"], 8, requests, 600, max_tokens))
+        merged_url = deploy("merged", "psoups-merged", "/merged", fixed)
+        merged = asyncio.run(run_load(merged_url, models, 8, requests, 600, max_tokens))
+        serve.delete("psoups-merged")
 
         # (3) autoscaling under sustained load, then idle.
+        autoscaling = {
+            "max_ongoing_requests": 16,
+            "autoscaling_config": {
+                "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
+                "upscale_delay_s": 1, "downscale_delay_s": 5,
+                "metrics_interval_s": 0.5, "look_back_period_s": 2,
+            },
+            "ray_actor_options": replica,
+        }  # fmt: skip
+        deploy("mixing", "psoups", "/", autoscaling)
         timeline = _autoscaling(url, combos, max_tokens, args.smoke_test)
     finally:
         serve.shutdown()
@@ -181,11 +195,13 @@ def bench(args: argparse.Namespace) -> int:
     print(f"latency, in-process SoupEngine.generate: p50 {in_process:.3f}s")
     _print_stats("mixing, 8 combinations, 8 concurrent", mixed)
     _print_stats("mixing, 1 combination, 8 concurrent", single)
+    _print_stats("merged (cache 2), 8 combinations, 8 concurrent", merged)
     print("autoscaling timeline (s since load start: SoupModel replicas):")
     print("  " + ", ".join(f"{t:.0f}s:{n}" for t, n in timeline))
     peak = max(n for _, n in timeline)
     print(f"replicas: min 1, peak under load {peak}, at the end {timeline[-1][1]}")
     ratios = {
+        "mixing_vs_merged_throughput": mixed["tokens_per_s"] / merged["tokens_per_s"],
         "mixed_vs_single_combination_throughput": mixed["tokens_per_s"] / single["tokens_per_s"],
         "http_vs_in_process_latency": http["p50_s"] / in_process,
         "peak_replicas": peak,

@@ -239,6 +239,45 @@ def test_malformed_bodies_and_the_next_request_still_works(served):
     assert good.choices[0].message.content is not None
 
 
+def test_merged_strategy_serves_the_same_soups_through_an_lru_of_merged_copies(served):
+    """strategy=merged (cache of one merged copy): the same text as the mixing app for
+    every soup, while alternating soups evict each other."""
+    from ray import serve
+
+    from psoups_ray.serving.app import build_app
+
+    out, base_url = served
+    app = build_app(
+        {"run": str(out), "strategy": "merged", "merged_cache_size": 1, "max_tokens": 48},
+        {"SoupModel": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
+         "Ingress": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.05}}},
+    )  # fmt: skip
+    serve.run(app, name="psoups-merged", route_prefix="/merged")
+    try:
+        mixing = _client(base_url)
+        merged = openai.OpenAI(base_url=f"{base_url}/merged/v1", api_key="x", max_retries=0)
+        for model in ["psoups:P2A+P3B", "psoups:P2B+P3A", "psoups:P2A+P3B", "psoups:base"]:
+            request = dict(
+                model=model,
+                messages=[{"role": "user", "content": QUESTION}],
+                max_tokens=20,
+                temperature=0,
+            )
+            expected = mixing.chat.completions.create(**request).choices[0].message.content
+            got = merged.chat.completions.create(**request).choices[0].message.content
+            assert got == expected, model
+        chunks = merged.chat.completions.create(**request | {"model": "psoups:P2B"}, stream=True)
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        one = mixing.chat.completions.create(**request | {"model": "psoups:P2B"})
+        assert streamed == one.choices[0].message.content
+        handle = serve.get_deployment_handle("SoupModel", app_name="psoups-merged")
+        info = handle.info.remote().result()
+        assert info["strategy"] == "merged"
+        assert info["merges"] == 4  # P2A+P3B, P2B+P3A, P2A+P3B again (evicted), P2B
+    finally:
+        serve.delete("psoups-merged")
+
+
 def test_psoups_serve_runs_in_the_foreground_and_stops_on_sigterm(served, tmp_path):
     out, _ = served
     port = _free_port()

@@ -42,6 +42,9 @@ from psoups_ray.serving.engine import (
     SamplingParams,
     SoupCatalog,
     SoupEngine,
+    StepOutput,
+    parse_soup_key,
+    soup_key,
 )
 from psoups_ray.serving.protocol import (
     ChatCompletionRequest,
@@ -58,10 +61,13 @@ class ServeArgs(BaseModel):
 
     run: str = Field(min_length=1)
     """Run directory (local path or pyarrow.fs URI) with base, policies, tuned weights."""
-    strategy: Literal["mixing"] = "mixing"
+    strategy: Literal["mixing", "merged"] = "mixing"
     """``mixing``: the exact soup in activation space, any weights per row of a batch.
-    (``merged``, per-combination merged weights with an LRU cache and Serve's model
-    multiplexing, is not implemented yet.)"""
+    ``merged``: each soup's weights merged into a copy of the base, an LRU cache of
+    ``merged_cache_size`` copies per replica, and Serve's model multiplexing routing a
+    soup's requests to replicas that hold it; a batch decodes one soup at a time."""
+    merged_cache_size: int = Field(default=2, ge=1)
+    """Merged copies a replica keeps (``merged``): each costs a full model's memory."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     """Weights' dtype on the replica; empty: the run's ``base.dtype``."""
@@ -95,9 +101,12 @@ def _event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-@serve.deployment(name="SoupModel", max_ongoing_requests=64, health_check_period_s=10)
-class SoupModel:
-    """Base + every pole policy, mixed per row; dynamic batching of decode requests."""
+class _SoupModel:
+    """Base + every pole policy; dynamic batching of decode requests.
+
+    ``mixing``: one decoding loop per batch, each row with its own weights. ``merged``:
+    the batch's rows are grouped by soup and each group decodes with that soup's merged
+    copy of the base, taken from a multiplexed LRU cache (rows of later groups wait)."""
 
     def __init__(self, args: dict[str, Any]):
         settings = ServeArgs.model_validate(args)
@@ -106,30 +115,54 @@ class SoupModel:
             import torch
 
             torch.set_num_threads(max(1, int(threads)))
-        self.engine = SoupEngine(settings.run, settings.device, settings.dtype)
+        self.strategy = settings.strategy
+        self.engine = SoupEngine(settings.run, settings.device, settings.dtype, self.strategy)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="psoups-decode")
         self._decode.set_max_batch_size(settings.max_batch_size)
         self._decode.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self.merges = 0
+        if self.strategy == "merged":
+            engine, executor = self.engine, self._executor
+
+            async def merged(model_id: str):
+                self.merges += 1
+                weights = parse_soup_key(model_id)
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(executor, engine.merged_model, weights)
+
+            cache = settings.merged_cache_size
+            self._merged = serve.multiplexed(max_num_models_per_replica=cache)(merged)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _decode(self, jobs: list[GenerationJob]):
-        """One decoding loop for the whole batch; yields each job's step output (the
-        event loop stays free: every step runs on the decode thread)."""
+        """Yields each job's step output per decoding step (the event loop stays free:
+        every step runs on the decode thread)."""
         loop = asyncio.get_running_loop()
-        iterator = self.engine.stream(jobs)
+        if self.strategy == "mixing":
+            groups: dict[tuple[float, ...], list[int]] = {(): list(range(len(jobs)))}
+        else:
+            groups = {}
+            for index, job in enumerate(jobs):
+                groups.setdefault(job.weights, []).append(index)
         finished = [False] * len(jobs)
-        while True:
-            outputs = await loop.run_in_executor(self._executor, _next_or_none, iterator)
-            if outputs is None:
-                return
-            batch: list[Any] = []
-            for index, out in enumerate(outputs):
-                if finished[index]:
-                    batch.append(StopIteration)
-                else:
-                    batch.append(out)
-                    finished[index] = out.finished
-            yield batch
+        for weights, indices in groups.items():
+            model = None
+            if self.strategy == "merged":
+                model = await self._merged(soup_key(weights)) if any(weights) else None
+                model = model if model is not None else self.engine.model
+            iterator = self.engine.stream([jobs[i] for i in indices], model)
+            while True:
+                outputs = await loop.run_in_executor(self._executor, _next_or_none, iterator)
+                if outputs is None:
+                    break
+                batch: list[Any] = [
+                    StopIteration if finished[i] else StepOutput("") for i in range(len(jobs))
+                ]
+                for slot, index in enumerate(indices):
+                    if not finished[index]:
+                        batch[index] = outputs[slot]
+                        finished[index] = outputs[slot].finished
+                yield batch
 
     async def generate(self, job: GenerationJob) -> AsyncIterator[Any]:
         async for out in self._decode(job):
@@ -149,11 +182,16 @@ class SoupModel:
 
     def info(self) -> dict[str, Any]:
         return {"poles": self.engine.poles, "max_context": self.engine.max_context,
-                "pid": os.getpid()}  # fmt: skip
+                "pid": os.getpid(), "strategy": self.strategy, "merges": self.merges}  # fmt: skip
 
     def check_health(self) -> None:
         if self.engine is None:
             raise RuntimeError("engine not loaded")
+
+
+SoupModel = serve.deployment(name="SoupModel", max_ongoing_requests=64, health_check_period_s=10)(
+    _SoupModel
+)
 
 
 api = FastAPI(title="psoups_ray", description="P-Soups: any preference combination per request")
@@ -346,8 +384,14 @@ class Ingress:
     def _weights(self, soup) -> dict[str, float]:
         return {p: w for p, w in zip(self.catalog.poles, soup.weights, strict=True) if w}
 
+    def _route(self, handle, job: GenerationJob):
+        """``merged``: send a soup's requests to replicas holding its merged copy."""
+        if self.settings.strategy == "merged" and any(job.weights):
+            return handle.options(multiplexed_model_id=soup_key(job.weights))
+        return handle
+
     async def _collect(self, job: GenerationJob):
-        return await self._info_handle.complete.remote(job)
+        return await self._route(self._info_handle, job).complete.remote(job)
 
     async def _sse(self, jobs, meta, chat: bool, include_usage: bool):
         """Server-sent events: choices interleaved as their tokens arrive, then [DONE]."""
@@ -355,7 +399,7 @@ class Ingress:
 
         async def pump(index: int, job: GenerationJob):
             try:
-                async for out in self.model.generate.remote(job):
+                async for out in self._route(self.model, job).generate.remote(job):
                     await queue.put((index, out, None))
             except Exception as exc:  # reported in the stream; the server keeps serving
                 await queue.put((index, None, exc))

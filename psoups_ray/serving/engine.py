@@ -9,6 +9,8 @@ generator, so a request's output does not depend on what it was batched with.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import inspect
 import math
 import random
@@ -52,6 +54,18 @@ class StepOutput:
     finish_reason: str | None = None  # "stop" (EOS or a stop string) | "length"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+
+def soup_key(weights: Sequence[float]) -> str:
+    """A soup's weights as a string id (Serve's multiplexed model id)."""
+    return ",".join(f"{float(w):.6g}" for w in weights)
+
+
+def parse_soup_key(key: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in key.split(","))
+    except ValueError:
+        raise PsoupsError(f"malformed soup id {key!r}") from None
 
 
 @dataclass(frozen=True)
@@ -170,7 +184,9 @@ class SoupCatalog:
 class SoupEngine:
     """Base + mixed pole policies, loaded once; batched decoding with per-row weights."""
 
-    def __init__(self, run: str, device: str = "auto", dtype: str | None = None):
+    def __init__(
+        self, run: str, device: str = "auto", dtype: str | None = None, strategy: str = "mixing"
+    ):
         from psoups_ray.base.model import load_causal_lm, load_tokenizer
         from psoups_ray.soup.adapters import read_lora_adapter
         from psoups_ray.soup.mixing import attach_mixing
@@ -185,11 +201,16 @@ class SoupEngine:
             local_reference(self.catalog.base_model_path), dtype or config_dtype or "float32"
         )
         self.model.requires_grad_(False)
-        adapters = [
+        self.adapters = [
             read_lora_adapter(local_reference(path), pole)
             for pole, path in self.catalog.policy_paths.items()
         ]
-        self.mixer = attach_mixing(self.model, adapters)
+        if strategy not in ("mixing", "merged"):
+            raise PsoupsError(f"strategy must be 'mixing' or 'merged', got {strategy!r}")
+        self.strategy = strategy
+        # mixing: every policy lives in the model, weighted per row; merged: the model is
+        # the plain base and each soup is a merged copy (see merged_model).
+        self.mixer = attach_mixing(self.model, self.adapters) if strategy == "mixing" else None
         self.model.to(self.device).eval()
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 4096))
         # transformers 5 names the KV cache argument ``cache``; older and remote-code
@@ -201,9 +222,27 @@ class SoupEngine:
     def poles(self) -> list[str]:
         return self.catalog.poles
 
-    def stream(self, jobs: Sequence[GenerationJob]) -> Iterator[list[StepOutput]]:
+    def merged_model(self, weights: Sequence[float]) -> torch.nn.Module:
+        """A copy of the base with the ``delta`` soup merged into its weights (``merged``
+        strategy): W' = W0 + sum_i w_i s_i B_i A_i. The copy costs a full model's memory."""
+        from psoups_ray.soup.merge import merge_into_model
+
+        if self.mixer is not None:
+            raise PsoupsError("merged_model needs an engine built with strategy='merged'")
+        model = copy.deepcopy(self.model)
+        used = [(adapter, w) for adapter, w in zip(self.adapters, weights, strict=True) if w]
+        if used:
+            with torch.no_grad():
+                merge_into_model(model, [a for a, _ in used], [w for _, w in used])
+        return model.eval()
+
+    def stream(
+        self, jobs: Sequence[GenerationJob], model: torch.nn.Module | None = None
+    ) -> Iterator[list[StepOutput]]:
         """Decode ``jobs`` together; yield one :class:`StepOutput` per job per step until
-        every job has finished (a finished job's later outputs are empty and finished)."""
+        every job has finished (a finished job's later outputs are empty and finished).
+
+        ``model``: decode with this (merged) model instead, ignoring the jobs' weights."""
         from psoups_ray.prompting import adds_special_tokens
         from psoups_ray.rl.models import position_ids_for
 
@@ -233,9 +272,16 @@ class SoupEngine:
         eos = tokenizer.eos_token_id
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
         steps = max(job.params.max_tokens for job in jobs)
-        with torch.no_grad(), self.mixer.weights(weights.to(self.device)):
+        if model is None and self.mixer is not None:
+            soup = self.mixer.weights(weights.to(self.device))
+        elif model is None and bool(weights.any()):
+            raise PsoupsError("a merged-strategy engine needs the merged model for a soup")
+        else:
+            soup = contextlib.nullcontext()
+        model = model if model is not None else self.model
+        with torch.no_grad(), soup:
             positions = position_ids_for(attention)
-            output = self.model(
+            output = model(
                 input_ids=input_ids, attention_mask=attention, position_ids=positions,
                 use_cache=True, logits_to_keep=1,
             )  # fmt: skip
@@ -254,7 +300,7 @@ class SoupEngine:
                 attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
                 positions = positions[:, -1:] + 1
                 cache = getattr(output, "cache", None) or output.past_key_values
-                output = self.model(
+                output = model(
                     input_ids=next_ids.unsqueeze(1), attention_mask=attention,
                     position_ids=positions, use_cache=True, **{self._cache_arg: cache},
                 )  # fmt: skip

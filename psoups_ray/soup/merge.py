@@ -164,4 +164,6 @@ def merge_into_model(model: torch.nn.Module, adapters: Sequence[LoraAdapter], we
             if module not in modules:
                 raise PsoupsError(f"adapter {adapter.name} targets {module}, not in the model")
             layer = modules[module]
-            layer.weight += (weight * adapter.delta(module)).to(layer.weight.dtype)
+            layer.weight += (weight * adapter.delta(module)).to(
+                layer.weight.device, layer.weight.dtype
+            )
