@@ -31,7 +31,13 @@ class _MixState:
 
 
 class LoraMixingLinear(nn.Module):
-    """``base(x) + sum_i w[row, i] * s_i * B_i(A_i x)`` for a frozen base linear layer."""
+    """``base(x) + sum_i w[row, i] * s_i * B_i(A_i x)`` for a frozen base linear layer.
+
+    The adapters' factors are stacked: A = [A_1; ...; A_N] (R, in), B = [B_1 ... B_N]
+    (out, R) with R = sum of ranks, so a forward pass is two matmuls whatever the number
+    of adapters: (x A^T * c) B^T, where c (rows, R) repeats w[row, i] * s_i over adapter
+    i's ranks. Summing over the ranks gives exactly the per-adapter sum.
+    """
 
     def __init__(
         self,
@@ -42,10 +48,7 @@ class LoraMixingLinear(nn.Module):
         super().__init__()
         self.base = base
         self.state = state
-        self.lora_a = nn.ParameterList()
-        self.lora_b = nn.ParameterList()
-        self.present: list[int] = []  # adapter indices that adapt this layer
-        self.scales: list[float] = []
+        a_parts, b_parts, owners, scales = [], [], [], []
         for index, factor in enumerate(factors):
             if factor is None:
                 continue
@@ -55,11 +58,17 @@ class LoraMixingLinear(nn.Module):
                     f"adapter {index} does not fit a ({base.out_features}, {base.in_features}) "
                     f"layer: A {tuple(a.shape)}, B {tuple(b.shape)}"
                 )
-            dtype, device = base.weight.dtype, base.weight.device
-            self.lora_a.append(nn.Parameter(a.to(device, dtype), requires_grad=False))
-            self.lora_b.append(nn.Parameter(b.to(device, dtype), requires_grad=False))
-            self.present.append(index)
-            self.scales.append(scale)
+            a_parts.append(a)
+            b_parts.append(b)
+            owners += [index] * a.shape[0]
+            scales += [scale] * a.shape[0]
+        dtype, device = base.weight.dtype, base.weight.device
+        self.lora_a = nn.Parameter(torch.cat(a_parts).to(device, dtype), requires_grad=False)
+        self.lora_b = nn.Parameter(torch.cat(b_parts, dim=1).to(device, dtype), requires_grad=False)
+        self.register_buffer("owner", torch.tensor(owners, device=device), persistent=False)
+        self.register_buffer(
+            "rank_scale", torch.tensor(scales, device=device, dtype=torch.float32), persistent=False
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, ..., in)
         out = self.base(x)  # (batch, ..., out)
@@ -72,14 +81,13 @@ class LoraMixingLinear(nn.Module):
             raise PsoupsError(
                 f"mixing weights are for {weights.shape[0]} rows but the batch has {x.shape[0]}"
             )
+        coefficients = weights.to(self.rank_scale.device)[:, self.owner] * self.rank_scale  # (b, R)
+        if not torch.any(coefficients):
+            return out
         extra_dims = (1,) * (x.dim() - 2)
-        for slot, index in enumerate(self.present):
-            row_weight = weights[:, index].to(out.dtype) * self.scales[slot]  # (batch,)
-            if not torch.any(row_weight):
-                continue
-            update = (x @ self.lora_a[slot].T) @ self.lora_b[slot].T  # (batch, ..., out)
-            out = out + row_weight.view(-1, *extra_dims, 1) * update
-        return out
+        hidden = x @ self.lora_a.T  # (batch, ..., R)
+        hidden = hidden * coefficients.to(hidden.dtype).view(x.shape[0], *extra_dims, -1)
+        return out + hidden @ self.lora_b.T
 
 
 class Mixer:
