@@ -102,6 +102,11 @@ class Manifest:
     @classmethod
     def load(cls, rundir: RunDir) -> Manifest:
         """Read and check an existing manifest (no write)."""
+        if not rundir.exists(MANIFEST_NAME):
+            raise StorageError(
+                f"{rundir.location} is not a psoups run directory (no {MANIFEST_NAME}); "
+                f"create one with `psoups run --out {rundir.location}`"
+            )
         data = rundir.read_json(MANIFEST_NAME)
         where = rundir.uri(MANIFEST_NAME)
         if not isinstance(data, dict) or "schema_version" not in data:

@@ -100,3 +100,8 @@ def test_manifest_from_a_newer_version_or_garbage_is_refused(rundir):
     rundir.write_text(MANIFEST_NAME, "[]")
     with pytest.raises(StorageError, match="not a psoups_ray manifest"):
         Manifest.load(rundir)
+
+
+def test_a_directory_without_a_manifest_is_named_as_not_a_run(tmp_path):
+    with pytest.raises(StorageError, match="is not a psoups run directory .*psoups run --out"):
+        Manifest.load(RunDir(tmp_path / "empty"))
