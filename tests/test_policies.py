@@ -213,17 +213,6 @@ def test_killed_worker_resumes_from_its_checkpoint(policy_run, tmp_path):
         assert [int(m["step"]) for m in history["history"]] == list(range(1, 9))
 
 
-def test_jobs_script_runs_the_stage_help():
-    result = subprocess.run(
-        [sys.executable, "jobs/policies.py", "--help"],
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0 and "policies" in result.stdout
-
-
 def test_merge_command_exports_the_soup_as_adapter_and_model(policy_run, tmp_path, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -8,8 +8,6 @@ import json
 import math
 import random
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -237,14 +235,3 @@ def test_an_interrupted_stage_resumes_and_grid_search_walks_the_simplex(tune_run
         "P2A+P3B": {"P2A": best["weight_P2A"], "P3B": best["weight_P3B"]}
     }
     assert manifest.data["tune"]["pareto"] == {}
-
-
-def test_jobs_script_runs_the_stage_help():
-    result = subprocess.run(
-        [sys.executable, "jobs/tune.py", "--help"],
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0 and "tune" in result.stdout
