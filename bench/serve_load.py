@@ -135,6 +135,14 @@ def bench(args: argparse.Namespace) -> int:
     from psoups_ray.serving.app import build_app
     from psoups_ray.serving.engine import SoupCatalog
 
+    if args.scaled_base:
+        import tempfile
+
+        from scaled_run import make_scaled_run
+
+        hidden, layers = (int(part) for part in args.scaled_base.lower().split("x"))
+        scratch = tempfile.mkdtemp(prefix="psoups-scaled-")
+        args.run = make_scaled_run(args.run, f"{scratch}/run", hidden, layers)
     catalog = SoupCatalog(args.run)
     combos = ["+".join(c) for c in catalog.space.full_combinations()][:8]
     max_tokens, requests = (8, 16) if args.smoke_test else (args.max_tokens, args.requests)
@@ -278,6 +286,12 @@ def main() -> int:
     run.add_argument("--requests", type=int, default=64)
     run.add_argument("--max-tokens", type=int, default=32)
     run.add_argument("--smoke-test", action="store_true")
+    run.add_argument(
+        "--scaled-base",
+        metavar="HIDDENxLAYERS",
+        help="benchmark a random Llama base of this size (e.g. 768x12) with random pole "
+        "adapters of the run's rank instead of the run's tiny model (bench/scaled_run.py)",
+    )
     args = parser.parse_args()
     if args.command == "bench":
         return bench(args)

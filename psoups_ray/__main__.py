@@ -73,10 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated stages to run (default: all): {','.join(STAGE_NAMES)}",
     )
     for stage in STAGES:
+        if stage.name == "report":
+            report = commands.add_parser(
+                "report",
+                help="stage: (re)build report.md and its plots from a run directory",
+                description="Rebuild report.md and its plots from what the run directory "
+                "holds (any stages that have run); reads no config.",
+            )
+            report.add_argument("--run", "--out", dest="run", required=True, metavar="RUN",
+                                help="run directory")  # fmt: skip
+            continue
         sub = commands.add_parser(
             stage.name,
-            help=f"stage: {stage.summary}"
-            + ("" if stage.run else f" [not implemented yet: {stage.tracked_in}]"),
+            help=f"stage: {stage.summary}",
             description=f"Run only the {stage.name} stage ({stage.summary}); the stages it "
             "needs must already be complete in the run directory.",
         )
@@ -130,6 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve_cmd.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
 
+    validate = commands.add_parser(
+        "validate",
+        help="check a configuration and show what it would run, without running it",
+        description="Validate a config (schema, cross-checks, and each stage's preflight: "
+        "files, environment variables) and print the plan: runs and resources per stage. "
+        "Exit status 2 for an invalid config; preflight problems are listed and make the "
+        "exit status 1 only with --strict.",
+    )
+    _add_config_args(validate)
+    validate.add_argument(
+        "--strict", action="store_true", help="fail (status 1) on preflight problems too"
+    )
+
     config = commands.add_parser(
         "config", help="print the resolved configuration, or --explain every key"
     )
@@ -168,6 +190,12 @@ def _command(args: argparse.Namespace) -> int:
         serve_forever(args.run, args.config, args.host, args.port)
         return 0
 
+    if args.command == "report":
+        from psoups_ray.report import rebuild_report
+
+        rebuild_report(args.run)
+        return 0
+
     if args.command == "config" and args.explain:
         print("\n".join(explain()))
         return 0
@@ -175,6 +203,18 @@ def _command(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides)
     if args.command == "config":
         print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+        return 0
+    if args.command == "validate":
+        from psoups_ray.pipeline import describe_plan, preflight_problems
+
+        print(f"config {config.name!r} is valid:")
+        print("\n".join(f"  {line}" for line in describe_plan(config)))
+        problems = preflight_problems(config)
+        if problems:
+            print("before `psoups run` can start, fix:")
+            print("\n".join(f"  - {problem}" for problem in problems))
+            return 1 if args.strict else 0
+        print("preflight checks passed")
         return 0
 
     from psoups_ray.pipeline import parse_stages, run_pipeline
@@ -190,6 +230,11 @@ def _command(args: argparse.Namespace) -> int:
     complete = [name for name in manifest.data["stages"] if manifest.is_complete(name)]
     log(f"complete stages: {', '.join(complete) or 'none'}")
     log(f"manifest: {manifest.rundir.uri('manifest.json')}")
+    if manifest.is_complete("report"):
+        log(f"report: {manifest.data['report']['path']}")
+    if manifest.is_complete("policies"):
+        log(f"serve it: psoups serve --run {manifest.rundir.location}   (then any combination "
+            "per request, model 'psoups:P1A+P2B+P3A', on http://127.0.0.1:8000/v1)")  # fmt: skip
     return 0
 
 

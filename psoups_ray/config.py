@@ -455,6 +455,65 @@ class TuneConfig(StrictModel):
     """Prompts per point of a Pareto sweep (taken from the trial prompts)."""
 
 
+EvaluatedSystem = Literal["base", "base+prompt", "rlhf", "pmorl", "psoups-uniform", "psoups-tuned"]
+SOUP_SYSTEMS: tuple[str, ...] = ("psoups-uniform", "psoups-tuned")
+
+
+class EvaluateConfig(StrictModel):
+    """Win rates of the P-Soups variants against every other system, per combination."""
+
+    systems: list[EvaluatedSystem] = Field(
+        default_factory=lambda: [
+            "base",
+            "base+prompt",
+            "rlhf",
+            "pmorl",
+            "psoups-uniform",
+            "psoups-tuned",
+        ]
+    )
+    """Systems to generate with: ``base`` (no preference prompt), ``base+prompt`` (the
+    combination's preference prompts appended), ``rlhf`` (the single-reward policy,
+    unprompted, as trained), ``pmorl`` (prompted with the combination), ``psoups-uniform``
+    and ``psoups-tuned`` (the soup with 1/N or the tuned weights). Each P-Soups variant is
+    compared with every other listed system."""
+    num_prompts: int = Field(default=64, ge=1)
+    """Held-out prompts per combination: the last ones of the feedback eval split, so none
+    that picked the tuned weights (a warning says when they overlap the tune trials')."""
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    """Sampling of every system's responses (the same seed for every system)."""
+    reward_tie_threshold: float = Field(default=0.1, ge=0)
+    """Reward judge: two responses tie when their mean normalised rewards over the
+    combination's poles differ by less than this (in reward standard deviations)."""
+    bootstrap_samples: int = Field(default=1000, ge=10)
+    """Bootstrap resamples of the prompts for each win rate's confidence interval."""
+    confidence: float = Field(default=0.95, gt=0, lt=1)
+    """Confidence level of the bootstrap intervals."""
+    num_evaluators: int = Field(default=2, ge=1)
+    """Evaluator actors (each loads the base, all policies and reward models once)."""
+    resources: EvaluatorResources = Field(default_factory=EvaluatorResources)
+    """Resources of each evaluator actor."""
+    llm_judge: OpenAIJudgeSpec | None = None
+    """Also judge with an LLM behind an OpenAI-compatible endpoint, criterion by criterion
+    (one question per pole of the combination, order randomised, ties allowed); the key
+    comes from the environment variable ``llm_judge.api_key_env``. Off by default."""
+    llm_judge_prompts: int | None = Field(default=None, ge=1)
+    """Judge only the first N prompts with the LLM (cost control); default: all."""
+
+    @model_validator(mode="after")
+    def _has_soups(self) -> EvaluateConfig:
+        if len(set(self.systems)) != len(self.systems):
+            raise ValueError(f"evaluate.systems lists a system twice: {self.systems}")
+        if not any(system in SOUP_SYSTEMS for system in self.systems):
+            raise ValueError(
+                "evaluate.systems must include psoups-uniform or psoups-tuned (the systems "
+                f"whose win rates are measured); got {self.systems}"
+            )
+        if len(self.systems) < 2:
+            raise ValueError("evaluate.systems needs at least two systems to compare")
+        return self
+
+
 class WorldConfig(StrictModel):
     """The built-in synthetic instruction world (used with ``base.model: tiny``)."""
 
@@ -487,6 +546,8 @@ class PsoupsConfig(StrictModel):
     """PPO policy stage (and baselines)."""
     tune: TuneConfig = Field(default_factory=TuneConfig)
     """Soup weight search and Pareto fronts."""
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    """Win rates of P-Soups against the baselines, and the judges."""
     ray: RayConfig = Field(default_factory=RayConfig)
     """Ray cluster connection."""
 
@@ -518,6 +579,10 @@ class PsoupsConfig(StrictModel):
                 (
                     "policies.max_prompt_length + tune.generation.max_new_tokens",
                     policies.max_prompt_length + self.tune.generation.max_new_tokens,
+                ),
+                (
+                    "policies.max_prompt_length + evaluate.generation.max_new_tokens",
+                    policies.max_prompt_length + self.evaluate.generation.max_new_tokens,
                 ),
             ):
                 if length > self.base.tiny.max_position_embeddings:
@@ -578,6 +643,7 @@ SMOKE_TEST_OVERRIDES: tuple[str, ...] = (
     "base.sft.steps=20",
     "base.sft.checkpoint_every=10",
     "base.sft.logging_steps=10",
+    "base.sft.resources.cpus_per_worker=1",  # fits any cluster with one free CPU
     "base.num_sample_prompts=8",
     "base.sample.max_new_tokens=64",
     "feedback.pairs_per_pole=100",
@@ -601,6 +667,9 @@ SMOKE_TEST_OVERRIDES: tuple[str, ...] = (
     "tune.generation.max_new_tokens=48",
     "tune.pareto_points=3",
     "tune.pareto_prompts=2",
+    "evaluate.num_prompts=4",
+    "evaluate.generation.max_new_tokens=48",
+    "evaluate.bootstrap_samples=100",
 )
 """``--smoke-test``: every stage runs a few steps (applied before the user's ``--set``)."""
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from psoups_ray.config import PsoupsConfig
-from psoups_ray.errors import PsoupsError
+from psoups_ray.errors import ConfigError, PsoupsError
 from psoups_ray.manifest import Manifest, diff_keys
 from psoups_ray.progress import log
 from psoups_ray.rundir import RunDir
@@ -58,15 +58,32 @@ def _run_tune(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
     return run_tune_stage(config, rundir)
 
 
+def _run_evaluate(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
+    from psoups_ray.evaluate import run_evaluate_stage
+
+    return run_evaluate_stage(config, rundir)
+
+
+def _check_evaluate(config: PsoupsConfig) -> None:
+    from psoups_ray.evaluate.stage import check_evaluate_config
+
+    check_evaluate_config(config)
+
+
+def _run_report(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
+    from psoups_ray.report import build_report
+
+    return build_report(rundir)
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
     summary: str
     needs: tuple[str, ...]  # stages whose artifacts this one reads
     inputs: tuple[str, ...]  # top-level config keys it reads (its fingerprint)
-    run: Callable[[PsoupsConfig, RunDir], dict[str, Any]] | None  # None: not implemented yet
+    run: Callable[[PsoupsConfig, RunDir], dict[str, Any]]
     uses_ray: bool = True
-    tracked_in: str = ""  # where the missing implementation is tracked
     check: Callable[[PsoupsConfig], None] | None = None  # preflight, before any stage runs
     extra_sections: tuple[str, ...] = ()  # other manifest sections it writes (run returns
     # {section: content} for its own name and each of these)
@@ -113,24 +130,84 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "evaluate",
-        "win rates of P-Soups against the baselines",
+        "win rates of P-Soups against the baselines, by judge",
         ("tune",),
-        ("seed",),
-        None,
-        tracked_in="issue #7",
+        ("seed", "preferences", "evaluate"),
+        _run_evaluate,
+        check=_check_evaluate,
+        extra_sections=("evaluation",),
     ),
     Stage(
         "report",
         "report.md and plots",
         ("evaluate",),
         (),
-        None,
+        _run_report,
         uses_ray=False,
-        tracked_in="issue #7",
     ),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 _BY_NAME = {stage.name: stage for stage in STAGES}
+
+
+def preflight_problems(config: PsoupsConfig) -> list[str]:
+    """What every stage's preflight check finds (files, environment), without running."""
+    problems: list[str] = []
+    for stage in STAGES:
+        if stage.check is None:
+            continue
+        try:
+            stage.check(config)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+        except PsoupsError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def describe_plan(config: PsoupsConfig) -> list[str]:
+    """What ``psoups run`` would do with ``config``: runs per stage and their resources."""
+    space = config.space
+    combinations = config.tune.combinations or [str(c) for c in space.full_combinations()]
+
+    def scale(spec) -> str:
+        unit = f"{spec.gpus_per_worker:g} GPU" if spec.use_gpu else f"{spec.cpus_per_worker:g} CPU"
+        return f"{spec.num_workers} worker(s) x {unit}"
+
+    base = config.base
+    rewards, policies, tune, evaluate = (
+        config.rewards,
+        config.policies,
+        config.tune,
+        config.evaluate,
+    )
+    deepspeed = rewards.deepspeed
+    runs = len(space.pole_ids) if rewards.mode == "per_pole" else 1
+    lines = [
+        f"base: {base.model} ({base.dtype})"
+        + (f", SFT {base.sft.steps} steps on {scale(base.sft.resources)}" if base.is_tiny else ""),
+        f"preferences: {len(space.dimensions)} dimensions, poles {', '.join(space.pole_ids)}; "
+        f"{len(combinations)} combinations",
+        f"feedback: source {config.feedback.source}, judge {config.feedback.judge}",
+        f"rewards: {runs} Ray Train run(s) ({rewards.mode}), {rewards.steps} steps each on "
+        f"{scale(rewards.resources)}"
+        + (f", DeepSpeed ZeRO-{deepspeed.stage}" if deepspeed.enabled else ""),
+        f"policies: {len(space.pole_ids)} PPO runs + baselines "
+        f"{', '.join(policies.baselines) or 'none'}, {policies.steps} steps x "
+        f"{policies.rollout_batch_size} rollouts each on {scale(policies.resources)}",
+        f"tune: {tune.search} search, {tune.num_samples if tune.search == 'optuna' else 'grid'} "
+        f"trials per combination, {tune.max_concurrent_trials} evaluator(s) of "
+        + (
+            f"{tune.resources.gpus:g} GPU"
+            if tune.resources.use_gpu
+            else f"{tune.resources.cpus:g} CPU"
+        ),  # fmt: skip
+        f"evaluate: {', '.join(evaluate.systems)} on {evaluate.num_prompts} prompts; judges "
+        "reward"
+        + (", attributes" if base.is_tiny else "")
+        + (f", llm ({evaluate.llm_judge.model})" if evaluate.llm_judge else ""),
+    ]
+    return lines
 
 
 def parse_stages(text: str | None) -> list[str] | None:
@@ -175,7 +252,6 @@ def run_pipeline(
     rundir = RunDir(out)
     manifest = Manifest.open(rundir, config.model_dump(mode="json"), config.space.to_dict())
     requested = list(stages) if stages else list(STAGE_NAMES)
-    implicit_all = not stages
     plan: list[str] = []
     for name in requested:
         for prerequisite in _prerequisites(name):
@@ -194,7 +270,7 @@ def run_pipeline(
     for name in plan:  # everything checkable is checked before any work starts
         stage = _BY_NAME[name]
         will_run = not manifest.is_complete(name) or (force and name in requested)
-        if will_run and stage.check is not None and stage.run is not None:
+        if will_run and stage.check is not None:
             stage.check(config)
     log(f"run directory: {rundir.location}")
     log(f"stages: {' -> '.join(plan)}")
@@ -215,16 +291,6 @@ def run_pipeline(
                 )
             log(f"{prefix}: complete, skipped (--force redoes it)")
             continue
-        if stage.run is None:
-            message = (
-                f"stage {name!r} ({stage.summary}) is not implemented yet ({stage.tracked_in})"
-            )
-            if implicit_all:
-                later = ", ".join(STAGE_NAMES[STAGE_NAMES.index(name) :])
-                log(f"{prefix}: not implemented yet; stopping before {later} ({stage.tracked_in})")
-                break
-            raise PsoupsError(message)
-
         if record and record.get("fingerprint") != fingerprint or forced:
             _discard_train_state(rundir, name)
         dropped = manifest.invalidate(list(STAGE_NAMES[STAGE_NAMES.index(name) + 1 :]))

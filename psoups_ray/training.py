@@ -76,6 +76,15 @@ def restore_ray_checkpoint(workdir: str) -> str | None:
     return str(target)
 
 
+def worker_node_id() -> str | None:
+    """The Ray node this worker runs on (recorded with a run's metrics), None outside Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_node_id()
+
+
 def threads_for_worker(cpus_per_worker: float) -> None:
     """Give torch as many threads as the worker has CPUs (at least one).
 

@@ -23,7 +23,7 @@ def ray_cluster():
         dashboard_host="127.0.0.1",
         log_to_driver=True,
     )
-    yield context  # .dashboard_url: the job server for `ray job submit`
+    yield context
     ray.shutdown()
 
 
@@ -49,4 +49,23 @@ def policy_run(ray_cluster, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("policies") / "run"
     manifest = run_pipeline(policy_test_config(), str(out), ["policies"])
+    return out, manifest
+
+
+def tuned_test_config(*overrides: str):
+    """:func:`policy_test_config` with 11-point Pareto fronts: the tune and later stages."""
+    return policy_test_config("tune.pareto_points=11", *overrides)
+
+
+@pytest.fixture(scope="session")
+def tuned_run(policy_run, tmp_path_factory):
+    """A copy of the policy run with the tune stage done (every P2 x P3 combination)."""
+    import shutil
+
+    from psoups_ray.pipeline import run_pipeline
+
+    source, _ = policy_run
+    out = tmp_path_factory.mktemp("tune") / "run"
+    shutil.copytree(source, out)
+    manifest = run_pipeline(tuned_test_config(), str(out), ["tune"], run_prerequisites=False)
     return out, manifest

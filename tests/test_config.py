@@ -79,7 +79,7 @@ def test_cross_field_checks():
     with pytest.raises(ConfigError, match="must be divisible by num_heads"):
         load_config(None, ["base.tiny.num_heads=3"])
     with pytest.raises(ConfigError, match="exceeds world.num_eval_prompts"):
-        load_config(None, ["base.num_sample_prompts=100"])
+        load_config(None, ["base.num_sample_prompts=200"])
     with pytest.raises(ConfigError, match="both belong to dimension 'P1'"):
         load_config(None, ["preferences.combinations=[P1A+P1B]"])
 
@@ -173,3 +173,25 @@ def test_policy_config_errors_are_clear():
         load_config(None, ["policies.minibatch_size=5"])
     with pytest.raises(ConfigError, match="exceeds base.tiny.max_position_embeddings"):
         load_config(None, ["policies.generation.max_new_tokens=300"])
+
+
+def test_validate_checks_a_config_and_prints_its_plan_without_running(capsys, monkeypatch):
+    from psoups_ray.__main__ import main
+
+    assert main(["validate"]) == 0
+    out = capsys.readouterr().out
+    assert "config 'tiny' is valid" in out and "preflight checks passed" in out
+    assert "policies: 6 PPO runs + baselines pmorl, rlhf" in out
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert main(["validate", "--config", "paper"]) == 0  # problems listed, not fatal
+    out = capsys.readouterr().out
+    assert "base: allenai/tulu-2-7b (bfloat16)" in out
+    assert "rewards: 6 Ray Train run(s) (per_pole), 1000 steps each on 2 worker(s) x 1 GPU, " \
+        "DeepSpeed ZeRO-2" in out  # fmt: skip
+    assert "feedback.prompts_file: data/gpt4_alpaca_prompts.jsonl does not exist" in out
+    assert "evaluate.llm_judge.api_key_env: the environment variable OPENAI_API_KEY" in out
+    assert main(["validate", "--config", "paper", "--strict"]) == 1
+    capsys.readouterr()
+    assert main(["validate", "--set", "policies.steps=0"]) == 2
+    assert "policies.steps: Input should be greater than or equal to 1" in capsys.readouterr().err

@@ -75,7 +75,7 @@ def test_the_runs_executed_concurrently(policy_run):
         name: (r["metrics"]["started_at"], r["metrics"]["finished_at"])
         for name, r in records.items()
     }
-    # The poles' runs are launched first and together; two of them train at the same time.
+    # The runs are launched together (baselines first); two poles train at the same time.
     (start_a, end_a), (start_b, end_b) = spans["P2A"], spans["P2B"]
     assert max(start_a, start_b) < min(end_a, end_b), spans
     # Ray starts worker processes a few at a time, so later launches may begin as the first

@@ -90,6 +90,26 @@ def test_a_mixed_batch_equals_its_rows_run_separately(world):
         assert torch.allclose(together[index], alone[0], atol=1e-5)
 
 
+def test_adapters_no_row_weighs_are_skipped_exactly_and_nesting_restores(world):
+    root, directories = world
+    adapters = [read_lora_adapter(d, n) for d, n in zip(directories, NAMES, strict=True)]
+    merged = _base(root)
+    merge_into_model(merged, [adapters[0], adapters[2]], [0.6, 0.4])
+    model = _base(root)
+    mixer = attach_mixing(model, adapters)
+    layer = next(m for m in model.modules() if hasattr(m, "lora_a"))
+    with mixer.weights([[0.6, 0.0, 0.4], [0.6, 0.0, 0.4]]):
+        outer = _logits(model, IDS)
+        assert layer._active[0].shape[0] == 4 + 2  # the ranks of adapters 0 and 2 only
+        with mixer.weights([0.0, 1.0, 0.0]):
+            _logits(model, IDS)
+            assert layer._active[0].shape[0] == 4
+        assert torch.allclose(_logits(model, IDS), outer, atol=1e-6)  # restored
+    assert torch.allclose(outer, _logits(merged, IDS), atol=1e-5)
+    with mixer.weights([0.0, 0.0, 0.0]):
+        assert torch.allclose(_logits(model, IDS), _logits(_base(root), IDS), atol=1e-6)
+
+
 def test_weight_one_on_a_pole_reproduces_that_policy(world):
     root, directories = world
     adapters = [read_lora_adapter(d, n) for d, n in zip(directories, NAMES, strict=True)]

@@ -87,18 +87,14 @@ def test_tune_config_is_validated():
 
 
 def _config(*overrides: str):
-    from conftest import policy_test_config
+    from conftest import tuned_test_config
 
-    return policy_test_config("tune.pareto_points=11", *overrides)
+    return tuned_test_config(*overrides)
 
 
-@pytest.fixture(scope="module")
-def tune_run(policy_run, tmp_path_factory):
-    source, _ = policy_run
-    out = tmp_path_factory.mktemp("tune") / "run"
-    shutil.copytree(source, out)
-    manifest = run_pipeline(_config(), str(out), ["tune"], run_prerequisites=False)
-    return out, manifest
+@pytest.fixture
+def tune_run(tuned_run):
+    return tuned_run
 
 
 def _trials(out: Path, combo: str) -> list[dict[str, float]]:
@@ -166,7 +162,7 @@ def test_a_trial_is_reproduced_by_the_evaluator_in_process(tune_run):
     """Trial results are real measurements: the same soup, prompts and seed give the same
     rewards outside Ray."""
     from psoups_ray.seeding import derive_seed
-    from psoups_ray.tuning.evaluator import SoupEvaluator, SoupModels, SoupQuery
+    from psoups_ray.soup.evaluator import SoupEvaluator, SoupModels, SoupQuery
     from psoups_ray.tuning.stage import tune_prompts
 
     out, manifest = tune_run

@@ -53,6 +53,24 @@ def judge_criteria(spec: OpenAIJudgeSpec, space: PreferenceSpace) -> dict[str, s
     return {pole: spec.criteria.get(pole) or space.pole(pole).prompt for pole in space.pole_ids}
 
 
+def openai_judge_problems(spec: OpenAIJudgeSpec, key: str, pole_ids: Sequence[str]) -> list[str]:
+    """What is wrong with a judge's settings (``key`` names its config section)."""
+    problems = [
+        f"{key}.criteria: {pole!r} is not a pole of the preference space ({', '.join(pole_ids)})"
+        for pole in spec.criteria
+        if pole not in pole_ids
+    ]
+    if not spec.base_url.startswith(("http://", "https://")):
+        problems.append(f"{key}.base_url: {spec.base_url!r} must start with http:// or https://")
+    if not os.environ.get(spec.api_key_env, "").strip():
+        problems.append(
+            f"{key}.api_key_env: the environment variable {spec.api_key_env} is not set; export "
+            "the judge's API key there (any non-empty value for a server that does not check "
+            "keys)"
+        )
+    return problems
+
+
 def parse_answer(text: str) -> str:
     """``"1"``, ``"2"`` or ``"tie"`` from a judge's reply, else :data:`UNPARSEABLE`."""
     normalized = text.strip().lower().strip(" \t\n.!\"'`*()[]:")

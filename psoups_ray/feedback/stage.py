@@ -16,7 +16,6 @@ rejected}``, read back with :func:`~psoups_ray.feedback.rows.load_feedback`), an
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from psoups_ray.feedback.files import (
     PARQUET_SUFFIXES,
     read_feedback_files,
 )
+from psoups_ray.feedback.openai_judge import openai_judge_problems
 from psoups_ray.feedback.rows import (
     EVAL_PATH,
     LABELS_PATH,
@@ -127,24 +127,9 @@ def _generate_problems(config: PsoupsConfig) -> list[str]:
             "(a .txt with one instruction per line, or JSONL with a 'prompt' field)"
         )
     if feedback.judge == "openai":
-        spec = feedback.openai
-        pole_ids = config.space.pole_ids
-        for pole in spec.criteria:
-            if pole not in pole_ids:
-                problems.append(
-                    f"feedback.openai.criteria: {pole!r} is not a pole of the preference space "
-                    f"({', '.join(pole_ids)})"
-                )
-        if not spec.base_url.startswith(("http://", "https://")):
-            problems.append(
-                f"feedback.openai.base_url: {spec.base_url!r} must start with http:// or https://"
-            )
-        if not os.environ.get(spec.api_key_env, "").strip():
-            problems.append(
-                f"feedback.openai.api_key_env: the environment variable {spec.api_key_env} is "
-                "not set; export the judge's API key there (any non-empty value for a server "
-                "that does not check keys)"
-            )
+        problems.extend(
+            openai_judge_problems(feedback.openai, "feedback.openai", config.space.pole_ids)
+        )
     return problems
 
 

@@ -36,6 +36,7 @@ from psoups_ray.training import (
     restore_ray_checkpoint,
     threads_for_worker,
     trainer_kwargs,
+    worker_node_id,
 )
 
 STATS_FILE = "reward_stats.json"
@@ -223,6 +224,7 @@ def run_reward_training(job: RewardJob, *, under_ray: bool = False) -> dict[str,
             "started_at": started_at,
             "finished_at": finished_at,
             "num_workers": world_size,
+            "node_id": worker_node_id(),  # rank 0's Ray node
             "deepspeed_stage": spec.deepspeed.stage if spec.deepspeed.enabled else None,
         }
         if rank == 0:

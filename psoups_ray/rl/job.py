@@ -32,7 +32,7 @@ from psoups_ray.rl.ppo_math import response_mask
 from psoups_ray.rl.trainer import PPOTrainer, Query, RewardFn
 from psoups_ray.rundir import RunDir, local_reference
 from psoups_ray.seeding import derive_seed
-from psoups_ray.training import threads_for_worker
+from psoups_ray.training import threads_for_worker, worker_node_id
 
 STATE_FILE = "ppo_state.pt"
 EpisodeKind = tuple[tuple[str, ...], str | None]  # (poles rewarded, preference prompt)
@@ -324,6 +324,7 @@ def run_policy_training(job: PolicyJob, *, under_ray: bool = False) -> dict[str,
         "steps": trainer.steps_done,
         "resumed_from_step": resumed_from,
         "num_workers": world_size,
+        "node_id": worker_node_id(),  # rank 0's Ray node
         "started_at": started_at,
         "finished_at": time.time(),
         "train_seconds": time.monotonic() - started,

@@ -91,12 +91,15 @@ def run_policies_stage(config: PsoupsConfig, rundir: RunDir) -> dict[str, dict[s
     """Train every pole's policy and the baselines; returns the ``policies`` and
     ``baselines`` manifest sections."""
     jobs = policy_jobs(config, rundir)
+    # The baselines' runs take longest (several reward models per rollout, longer prompts):
+    # launched first, they do not leave the cluster waiting on them at the end.
+    launch_order = sorted(jobs, key=lambda job: job.kind == "pole")
     fit_torch_runs(
         [
             TorchRun(
                 policy_train_loop, {"job": job}, config.policies.resources, "policies", job.name
             )
-            for job in jobs
+            for job in launch_order
         ],
         rundir,
     )

@@ -28,6 +28,13 @@ class _MixState:
     def __init__(self):
         self.weights: torch.Tensor | None = None  # (rows, N)
         self.broadcast = False  # one weight vector for every row
+        self.active: torch.Tensor | None = None  # (N,) bool: adapters some row weighs
+        self.version = 0  # bumped on every change, so layers refresh what they cache
+
+    def set(self, weights: torch.Tensor | None, broadcast: bool) -> None:
+        self.weights, self.broadcast = weights, broadcast
+        self.active = None if weights is None else (weights != 0).any(dim=0)
+        self.version += 1
 
 
 class LoraMixingLinear(nn.Module):
@@ -36,7 +43,8 @@ class LoraMixingLinear(nn.Module):
     The adapters' factors are stacked: A = [A_1; ...; A_N] (R, in), B = [B_1 ... B_N]
     (out, R) with R = sum of ranks, so a forward pass is two matmuls whatever the number
     of adapters: (x A^T * c) B^T, where c (rows, R) repeats w[row, i] * s_i over adapter
-    i's ranks. Summing over the ranks gives exactly the per-adapter sum.
+    i's ranks. Summing over the ranks gives exactly the per-adapter sum. Ranks of adapters
+    that no row weighs are left out of the matmuls (a soup of 3 of 8 adapters pays for 3).
     """
 
     def __init__(
@@ -69,6 +77,25 @@ class LoraMixingLinear(nn.Module):
         self.register_buffer(
             "rank_scale", torch.tensor(scales, device=device, dtype=torch.float32), persistent=False
         )
+        self._version = -1  # the state version the cached active factors below belong to
+        self._active: tuple[torch.Tensor, ...] | None = None
+
+    def _active_factors(self) -> tuple[torch.Tensor, ...] | None:
+        """(A (r, in), B (out, r), owner (r,), scale (r,)) of the weighed adapters' ranks."""
+        if self._version != self.state.version:
+            keep = self.state.active.to(self.owner.device)[self.owner]  # (R,)
+            if not bool(keep.any()):
+                self._active = None
+            elif bool(keep.all()):
+                self._active = (self.lora_a, self.lora_b, self.owner, self.rank_scale)
+            else:
+                index = keep.nonzero().squeeze(1)
+                self._active = (
+                    self.lora_a[index], self.lora_b[:, index], self.owner[index],
+                    self.rank_scale[index],
+                )  # fmt: skip
+            self._version = self.state.version
+        return self._active
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, ..., in)
         out = self.base(x)  # (batch, ..., out)
@@ -81,13 +108,15 @@ class LoraMixingLinear(nn.Module):
             raise PsoupsError(
                 f"mixing weights are for {weights.shape[0]} rows but the batch has {x.shape[0]}"
             )
-        coefficients = weights.to(self.rank_scale.device)[:, self.owner] * self.rank_scale  # (b, R)
-        if not torch.any(coefficients):
+        active = self._active_factors()
+        if active is None:
             return out
+        lora_a, lora_b, owner, rank_scale = active
+        coefficients = weights.to(rank_scale.device)[:, owner] * rank_scale  # (batch, r)
         extra_dims = (1,) * (x.dim() - 2)
-        hidden = x @ self.lora_a.T  # (batch, ..., R)
+        hidden = x @ lora_a.T  # (batch, ..., r)
         hidden = hidden * coefficients.to(hidden.dtype).view(x.shape[0], *extra_dims, -1)
-        return out + hidden @ self.lora_b.T
+        return out + hidden @ lora_b.T
 
 
 class Mixer:
@@ -112,11 +141,11 @@ class Mixer:
         if not torch.isfinite(tensor).all():
             raise PsoupsError("mixing weights must be finite numbers")
         previous = self._state.weights, self._state.broadcast
-        self._state.weights, self._state.broadcast = tensor, broadcast
+        self._state.set(tensor, broadcast)
         try:
             yield
         finally:
-            self._state.weights, self._state.broadcast = previous
+            self._state.set(*previous)
 
 
 def attach_mixing(model: nn.Module, adapters: Sequence[LoraAdapter]) -> Mixer:

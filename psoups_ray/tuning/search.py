@@ -14,7 +14,6 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +22,7 @@ from ray.tune import Callback
 from psoups_ray.config import GenerationSpec, TuneConfig
 from psoups_ray.errors import PsoupsError
 from psoups_ray.progress import log
-from psoups_ray.tuning.evaluator import SoupQuery
+from psoups_ray.soup.evaluator import EvaluatorPool, SoupQuery
 from psoups_ray.tuning.simplex import from_cube, simplex_grid, to_cube
 
 OBJECTIVE = "objective"
@@ -45,54 +44,6 @@ class Sweep:
     @property
     def key(self) -> str:
         return "+".join(self.combination)
-
-
-class EvaluatorPool:
-    """Evaluator actors handed out one trial at a time (a Ray queue of actor handles)."""
-
-    def __init__(self, actors: Sequence[Any]):
-        from ray.util.queue import Queue
-
-        self.actors = list(actors)
-        self._queue = Queue(actor_options={"num_cpus": 0})
-        for actor in self.actors:
-            self._queue.put(actor)
-
-    def evaluate(self, queries: Sequence[SoupQuery], prompts, spec, seed, keep_samples=0):
-        """Run one request on whichever actor is free (blocks until one is)."""
-        import ray
-
-        actor = self._queue.get()
-        try:
-            return ray.get(actor.evaluate.remote(list(queries), list(prompts), spec, seed,
-                                                 keep_samples))  # fmt: skip
-        finally:
-            self._queue.put(actor)
-
-    def stats(self) -> list[dict[str, Any]]:
-        """Each actor's process id and number of requests served."""
-        import ray
-
-        return ray.get([actor.stats.remote() for actor in self.actors])
-
-    def map(self, requests: Sequence[tuple[list[SoupQuery], list[str], GenerationSpec, int]]):
-        """Spread requests over every actor at once; results in request order."""
-        import ray
-
-        pending: dict[Any, int] = {}
-        results: list[Any] = [None] * len(requests)
-        free = list(self.actors)
-        queue = list(enumerate(requests))
-        while queue or pending:
-            while free and queue:
-                index, (queries, prompts, spec, seed) = queue.pop(0)
-                actor = free.pop()
-                pending[actor.evaluate.remote(queries, prompts, spec, seed)] = (index, actor)
-            done, _ = ray.wait(list(pending), num_returns=1)
-            index, actor = pending.pop(done[0])
-            results[index] = ray.get(done[0])
-            free.append(actor)
-        return results
 
 
 def _weights_of(config: dict[str, Any], n: int) -> list[float]:

@@ -29,14 +29,14 @@ from psoups_ray.manifest import Manifest
 from psoups_ray.progress import log
 from psoups_ray.rundir import RunDir
 from psoups_ray.seeding import derive_seed
-from psoups_ray.tuning.evaluator import SoupModels, SoupQuery, evaluator_actor_class
+from psoups_ray.soup.evaluator import SoupModels, SoupQuery, start_evaluators
 from psoups_ray.tuning.pareto import (
     front_points,
     pareto_pairs,
     pareto_queries,
     plot_front,
 )
-from psoups_ray.tuning.search import EvaluatorPool, Sweep, best_trial, run_sweep
+from psoups_ray.tuning.search import Sweep, best_trial, run_sweep
 
 RESULTS_DIR = "ray/tune/results"  # per-combination progress, discarded when the stage is redone
 
@@ -60,38 +60,6 @@ def tune_prompts(config: PsoupsConfig, rundir: RunDir) -> tuple[list[str], list[
         )
         report = trial
     return trial, report
-
-
-def _start_pool(config: PsoupsConfig, models: SoupModels) -> EvaluatorPool:
-    import ray
-
-    spec = config.tune
-    resources = spec.resources
-    gpus = resources.gpus if resources.use_gpu else 0.0
-    total = ray.cluster_resources()
-    if resources.cpus > total.get("CPU", 0) or gpus > total.get("GPU", 0):
-        log(
-            f"tune: warning: an evaluator needs {resources.cpus:g} CPU / {gpus:g} GPU but the "
-            f"cluster has {total.get('CPU', 0):g} / {total.get('GPU', 0):g}; it waits for an "
-            "autoscaler (or lower tune.resources)"
-        )
-    actor_class = evaluator_actor_class(resources.cpus, gpus)
-    actors = [actor_class.remote(models) for _ in range(spec.max_concurrent_trials)]
-    log(
-        f"tune: {len(actors)} evaluator actor(s) load the base, {len(models.poles)} policies "
-        f"and their reward models once ({resources.cpus:g} CPU, {gpus:g} GPU each)"
-    )
-    ray.get([actor.stats.remote() for actor in actors])  # surface loading errors here
-    return EvaluatorPool(actors)
-
-
-def _stop_pool(pool: EvaluatorPool | None) -> None:
-    import ray
-
-    if pool is None:
-        return
-    for actor in pool.actors:
-        ray.kill(actor)
 
 
 def _table_csv(rows: list[dict[str, Any]]) -> str:
@@ -127,7 +95,9 @@ def run_tune_stage(config: PsoupsConfig, rundir: RunDir) -> dict[str, dict[str, 
     started = time.monotonic()
     pool = None
     try:
-        pool = _start_pool(config, models)
+        resources = spec.resources
+        gpus = resources.gpus if resources.use_gpu else 0.0
+        pool = start_evaluators(models, spec.max_concurrent_trials, resources.cpus, gpus, "tune")
         combos: dict[str, dict[str, Any]] = {}
         tuned: dict[str, dict[str, float]] = {}
         for index, combination in enumerate(combinations, start=1):
@@ -161,7 +131,8 @@ def run_tune_stage(config: PsoupsConfig, rundir: RunDir) -> dict[str, dict[str, 
         pareto = _pareto(config, rundir, pool, tuned, trial_prompts) if spec.pareto else {}
         evaluators = pool.stats()
     finally:
-        _stop_pool(pool)
+        if pool is not None:
+            pool.stop()
     section = {
         "search": spec.search,
         "evaluators": evaluators,  # each loaded the models once and served this many calls

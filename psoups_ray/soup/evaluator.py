@@ -15,14 +15,15 @@ across trials).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from psoups_ray.config import BaseConfig, GenerationSpec
 from psoups_ray.errors import PsoupsError
+from psoups_ray.progress import log
 from psoups_ray.rundir import local_reference
 
 
@@ -39,10 +40,17 @@ class SoupModels:
     reward_max_length: int
     tiny_world: bool  # also measure attribute success with the tiny world's checkers
     use_gpu: bool = False
+    baseline_paths: dict[str, str] = field(default_factory=dict)  # baseline -> adapter dir
+    # (mixed in like the poles: weight 1 on a baseline alone is that baseline's policy)
 
     @classmethod
     def from_manifest(
-        cls, data: dict[str, Any], base: BaseConfig, reward_max_length: int, use_gpu: bool
+        cls,
+        data: dict[str, Any],
+        base: BaseConfig,
+        reward_max_length: int,
+        use_gpu: bool,
+        baselines: Sequence[str] = (),
     ) -> SoupModels:
         from psoups_ray.preferences import PreferenceSpace, PreferenceSpaceSpec
 
@@ -55,6 +63,17 @@ class SoupModels:
                     f"the run has no {section} artifacts for {', '.join(missing)}; run the "
                     f"{section} stage first"
                 )
+        recorded = data.get("baselines") or {}
+        missing = [name for name in baselines if name not in recorded]
+        if missing:
+            raise PsoupsError(
+                f"the run has no baseline policy {', '.join(missing)} (it has: "
+                f"{', '.join(recorded) or 'none'}); add it to policies.baselines and run "
+                "`psoups policies`"
+            )
+        clashes = [name for name in baselines if name in space.pole_ids]
+        if clashes:
+            raise PsoupsError(f"baseline name(s) {clashes} clash with pole ids")
         return cls(
             base_model_path=data["base"]["model_path"],
             tokenizer_path=data["base"]["tokenizer_path"],
@@ -65,6 +84,7 @@ class SoupModels:
             reward_max_length=reward_max_length,
             tiny_world=base.is_tiny,
             use_gpu=use_gpu,
+            baseline_paths={name: recorded[name]["path"] for name in baselines},
         )
 
     @property
@@ -122,8 +142,8 @@ class SoupEvaluator:
             self._adapter_of[pole] = by_directory[adapter.directory]
         self.lm = self.peft.get_base_model()  # the causal LM, PEFT layers inside
         policies = [
-            read_lora_adapter(local_reference(path), pole)
-            for pole, path in models.policy_paths.items()
+            read_lora_adapter(local_reference(path), name)
+            for name, path in {**models.policy_paths, **models.baseline_paths}.items()
         ]
         self.mixer = attach_mixing(self.lm, policies)
         self.peft.to(self.device)
@@ -133,6 +153,7 @@ class SoupEvaluator:
 
     @property
     def poles(self) -> list[str]:
+        """Names of the mixable adapters: every pole, then the loaded baselines."""
         return self.mixer.adapter_names
 
     def weight_vector(self, weights: dict[str, float]) -> list[float]:
@@ -206,6 +227,32 @@ class SoupEvaluator:
         ]
         return (torch.cat(scores) - adapter.score_mean) / adapter.score_std
 
+    def sample(
+        self,
+        queries: Sequence[SoupQuery],
+        prompts: Sequence[str],
+        spec: GenerationSpec,
+        seed: int,
+        scored: Sequence[str],
+    ) -> list[dict[str, Any]]:
+        """Per query: its responses (one per prompt) and, for each pole in ``scored``, the
+        normalised reward of every response (``rewards[pole]``, a list like the responses)."""
+        if not prompts:
+            raise PsoupsError("no prompts to sample")
+        texts = self.generate(queries, prompts, spec, seed)
+        return [
+            {
+                "responses": responses,
+                "rewards": {
+                    pole: self.normalized_rewards(
+                        pole, prompts, responses, spec.batch_size
+                    ).tolist()
+                    for pole in scored
+                },
+            }
+            for responses in texts
+        ]
+
     def evaluate(
         self,
         queries: Sequence[SoupQuery],
@@ -267,14 +314,124 @@ def evaluator_actor_class(num_cpus: float, num_gpus: float):
                 device = "cuda"
             self.evaluator = SoupEvaluator(models, device)
             self.calls = 0
+            self.busy_seconds = 0.0  # time spent serving calls (utilisation = busy / wall)
+
+        def _serve(self, method, *arguments):
+            import time
+
+            started = time.monotonic()
+            self.calls += 1
+            try:
+                return method(*arguments)
+            finally:
+                self.busy_seconds += time.monotonic() - started
 
         def evaluate(self, queries, prompts, spec, seed, keep_samples=0):
-            self.calls += 1
-            return self.evaluator.evaluate(queries, prompts, spec, seed, keep_samples)
+            return self._serve(self.evaluator.evaluate, queries, prompts, spec, seed,
+                               keep_samples)  # fmt: skip
+
+        def sample(self, queries, prompts, spec, seed, scored):
+            return self._serve(self.evaluator.sample, queries, prompts, spec, seed, scored)
 
         def stats(self) -> dict[str, Any]:
             import os
 
-            return {"pid": os.getpid(), "calls": self.calls}
+            return {
+                "pid": os.getpid(),
+                "calls": self.calls,
+                "busy_seconds": round(self.busy_seconds, 1),
+            }
 
     return SoupEvaluatorActor
+
+
+class EvaluatorPool:
+    """Evaluator actors, lent one request at a time (a Ray queue of actor handles) or
+    spread over a list of requests (:meth:`map`)."""
+
+    def __init__(self, actors: Sequence[Any]):
+        from ray.util.queue import Queue
+
+        self.actors = list(actors)
+        self._queue = Queue(actor_options={"num_cpus": 0})
+        for actor in self.actors:
+            self._queue.put(actor)
+
+    def evaluate(self, queries: Sequence[SoupQuery], prompts, spec, seed, keep_samples=0):
+        """Run one request on whichever actor is free (blocks until one is)."""
+        import ray
+
+        actor = self._queue.get()
+        try:
+            return ray.get(actor.evaluate.remote(list(queries), list(prompts), spec, seed,
+                                                 keep_samples))  # fmt: skip
+        finally:
+            self._queue.put(actor)
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Each actor's process id and number of requests served."""
+        import ray
+
+        return ray.get([actor.stats.remote() for actor in self.actors])
+
+    def map(
+        self,
+        requests: Sequence[tuple[Any, ...]],
+        method: str = "evaluate",
+        on_result: Callable[[int, int], None] | None = None,
+    ) -> list[Any]:
+        """Spread requests (argument tuples of the actor's ``method``) over every actor at
+        once; results in request order. ``on_result(done, total)`` after each."""
+        import ray
+
+        pending: dict[Any, tuple[int, Any]] = {}
+        results: list[Any] = [None] * len(requests)
+        free = list(self.actors)
+        queue = list(enumerate(requests))
+        while queue or pending:
+            while free and queue:
+                index, arguments = queue.pop(0)
+                actor = free.pop()
+                pending[getattr(actor, method).remote(*arguments)] = (index, actor)
+            done, _ = ray.wait(list(pending), num_returns=1)
+            index, actor = pending.pop(done[0])
+            results[index] = ray.get(done[0])
+            free.append(actor)
+            if on_result is not None:
+                on_result(len(requests) - len(queue) - len(pending), len(requests))
+        return results
+
+    def stop(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+def start_evaluators(
+    models: SoupModels, count: int, cpus: float, gpus: float, stage: str
+) -> EvaluatorPool:
+    """``count`` evaluator actors with these resources, each having loaded ``models``."""
+    import ray
+
+    total = ray.cluster_resources()
+    if cpus > total.get("CPU", 0) or gpus > total.get("GPU", 0):
+        log(
+            f"{stage}: warning: an evaluator needs {cpus:g} CPU / {gpus:g} GPU but the "
+            f"cluster has {total.get('CPU', 0):g} / {total.get('GPU', 0):g}; it waits for an "
+            f"autoscaler (or lower {stage}.resources)"
+        )
+    actor_class = evaluator_actor_class(cpus, gpus)
+    actors = [actor_class.remote(models) for _ in range(count)]
+    log(
+        f"{stage}: {len(actors)} evaluator actor(s) load the base, "
+        f"{len(models.policy_paths) + len(models.baseline_paths)} policies and "
+        f"{len(models.reward_paths)} reward models once ({cpus:g} CPU, {gpus:g} GPU each)"
+    )
+    pool = EvaluatorPool(actors)
+    try:
+        ray.get([actor.stats.remote() for actor in actors])  # surface loading errors here
+    except BaseException:
+        pool.stop()
+        raise
+    return pool
