@@ -1,6 +1,6 @@
 """Ray job: rebuild ``report.md`` and its plots from a run directory (reads no config).
 
-    ray job submit --working-dir . -- python jobs/report.py --run s3://bucket/runs/x
+ray job submit --working-dir . -- python jobs/report.py --run s3://bucket/runs/x
 """
 
 import sys
