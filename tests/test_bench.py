@@ -36,3 +36,45 @@ def test_tune_efficiency_benchmark_runs_both_searches(policy_run):
     assert ratios["trials"] == pytest.approx(1 / 3)  # 1 Optuna trial vs the 3-point grid
     assert 0 <= ratios["grid_points_at_or_below_optuna_best"] <= 1
     assert "grid:   3 trials" in result.stdout
+
+
+def test_scaled_run_has_a_bigger_base_that_serves_the_same_soups_both_ways(policy_run, tmp_path):
+    """bench/scaled_run.py: the serving benchmark's bigger base (random weights) loads in
+    the serving engine, and its mixed soup equals the merged one."""
+    import torch
+
+    from psoups_ray.prompting import format_prompt
+    from psoups_ray.serving.engine import GenerationJob, SamplingParams, SoupEngine
+
+    source, _ = policy_run
+    out = tmp_path / "scaled"
+    result = subprocess.run(
+        [sys.executable, "bench/scaled_run.py", "--run", str(source), "--out", str(out),
+         "--hidden", "192", "--layers", "3"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((out / "base" / "model" / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"]) == (192, 3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        mixing = SoupEngine(str(out), device="cpu")
+        merged = SoupEngine(str(out), device="cpu", strategy="merged")
+        weights = mixing.catalog.resolve("psoups:P2B+P3A").weights
+        assert weights.count(0.0) == 2 and sum(weights) == pytest.approx(1.0)
+        prompt = format_prompt(mixing.tokenizer, "What is salt?")
+        job = GenerationJob(prompt, weights, SamplingParams(12, temperature=0.0))
+        soup = merged.merged_model(weights)
+        plain = GenerationJob(prompt, [0.0] * len(weights), SamplingParams(12, temperature=0.0))
+        texts = ["".join(out.text for step in engine_steps for out in step)
+                 for engine_steps in (list(mixing.stream([job])),
+                                      list(merged.stream([plain], model=soup)))]  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert texts[0] == texts[1] and texts[0]
+    with pytest.raises(subprocess.CalledProcessError):  # an existing --out is refused
+        subprocess.run(
+            [sys.executable, "bench/scaled_run.py", "--run", str(source), "--out", str(out)],
+            cwd=REPO, capture_output=True, check=True, timeout=600,
+        )  # fmt: skip
