@@ -6,7 +6,6 @@ A cluster here is stopped by ending the processes that name its own temp dir.
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import sys
@@ -96,7 +95,6 @@ class RayStartCluster:
 
     def stop(self) -> None:
         stop_processes_naming(self.temp_dir)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)  # logs and sockets of this cluster
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
