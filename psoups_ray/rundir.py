@@ -15,7 +15,9 @@ point: an artifact counts only once the manifest names it.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -149,6 +151,15 @@ class RunDir:
 
     def write_json(self, relpath: str, obj: Any) -> None:
         self.write_text(relpath, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+    def write_csv(self, relpath: str, rows: list[dict[str, Any]]) -> None:
+        """Rows as CSV; the columns are every key in first-seen order (missing cells empty)."""
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        self.write_text(relpath, buffer.getvalue())
 
     # -- directories ----------------------------------------------------------------
     def upload_dir(self, local_dir: str | os.PathLike[str], relpath: str) -> str:

@@ -29,8 +29,6 @@ Manifest: ``evaluate`` (how it ran) and ``evaluation`` (the results).
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import time
 from dataclasses import dataclass
@@ -209,8 +207,8 @@ def run_evaluate_stage(config: PsoupsConfig, rundir: RunDir) -> dict[str, dict[s
         for system in spec.systems
     }
     _write_samples(rundir, combinations, keys, prompts, responses)
-    rundir.write_text(WIN_RATES_PATH, _win_rates_csv(tables))
-    rundir.write_text(METRICS_PATH, _metrics_csv(metrics))
+    rundir.write_csv(WIN_RATES_PATH, _win_rate_rows(tables))
+    rundir.write_csv(METRICS_PATH, _metric_rows(metrics))
     evaluation = {
         "systems": list(spec.systems),
         "soups": soups,
@@ -345,30 +343,22 @@ def _write_samples(rundir, combinations, keys, prompts, responses) -> None:
     rundir.write_text(SAMPLES_PATH, "\n".join(lines) + "\n")
 
 
-def _win_rates_csv(tables: dict[str, dict[str, dict[str, Any]]]) -> str:
-    buffer = io.StringIO()
-    fields = ["judge", "soup", "opponent", "combination", "win_rate", "ci_low", "ci_high",
-              "wins", "ties", "losses", "n"]  # fmt: skip
-    writer = csv.DictWriter(buffer, fieldnames=fields)
-    writer.writeheader()
+def _win_rate_rows(tables: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per judge, soup, opponent and combination (``all`` first)."""
+    rows = []
     for judge, table in tables.items():
         for soup, opponents in table.items():
             for other, rates in opponents.items():
-                rows = [("all", rates["overall"]), *rates["combinations"].items()]
-                for key, rate in rows:
-                    writer.writerow(
-                        {
-                            "judge": judge,
-                            "soup": soup,
-                            "opponent": other,
-                            "combination": key,
-                            **rate,
-                        }  # fmt: skip
-                    )
-    return buffer.getvalue()
+                cells = [("all", rates["overall"]), *rates["combinations"].items()]
+                rows += [
+                    {"judge": judge, "soup": soup, "opponent": other, "combination": key, **rate}
+                    for key, rate in cells
+                ]
+    return rows
 
 
-def _metrics_csv(metrics: dict[str, dict[str, dict[str, Any]]]) -> str:
+def _metric_rows(metrics: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per combination and system; per-pole rewards as ``reward_<POLE>``."""
     rows = []
     for key, systems in metrics.items():
         for system, values in systems.items():
@@ -377,12 +367,7 @@ def _metrics_csv(metrics: dict[str, dict[str, dict[str, Any]]]) -> str:
                         if name != "rewards"})  # fmt: skip
             row.update({f"reward_{pole}": round(v, 4) for pole, v in values["rewards"].items()})
             rows.append(row)
-    columns = list(dict.fromkeys(column for row in rows for column in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
+    return rows
 
 
 def _log_headline(tables: dict[str, dict[str, Any]], soups: list[str]) -> None:

@@ -16,8 +16,6 @@ Artifacts: ``tune/<COMBO>/trials.csv`` (every trial), ``tune/summary.json``,
 
 from __future__ import annotations
 
-import csv
-import io
 import tempfile
 import time
 from pathlib import Path
@@ -60,15 +58,6 @@ def tune_prompts(config: PsoupsConfig, rundir: RunDir) -> tuple[list[str], list[
         )
         report = trial
     return trial, report
-
-
-def _table_csv(rows: list[dict[str, Any]]) -> str:
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
 
 
 def _summary(result: dict[str, Any]) -> dict[str, Any]:
@@ -117,7 +106,7 @@ def run_tune_stage(config: PsoupsConfig, rundir: RunDir) -> dict[str, dict[str, 
                 log(f"tune [{index}/{len(combinations)}] {sweep.key}: {spec.search} search")
                 rows = run_sweep(sweep, pool, spec, rundir.uri("ray/tune"))
                 rundir.write_json(progress, rows)
-            rundir.write_text(f"tune/{sweep.key}/trials.csv", _table_csv(rows))
+            rundir.write_csv(f"tune/{sweep.key}/trials.csv", rows)
             best = best_trial(rows)
             tuned[sweep.key] = {pole: float(best[f"weight_{pole}"]) for pole in poles}
             combos[sweep.key] = {
