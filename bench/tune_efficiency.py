@@ -83,6 +83,7 @@ def main() -> int:
             else None,
             generation=GenerationSpec(max_new_tokens=args.max_new_tokens),
             seed=derive_seed(config.seed, "tune", str(combination)),
+            objective=config.tune.objective,
         )
         results = {}
         with tempfile.TemporaryDirectory(prefix="psoups-bench-tune-") as storage:

@@ -44,6 +44,11 @@ class RayConfig(StrictModel):
     include_dashboard: bool = True
     """Start the Ray dashboard with a local cluster (bound to ``dashboard_host``). Ray
     Train's controller queries the state API it hosts to clean up after failed runs."""
+    max_concurrent_runs: int | None = Field(default=None, ge=1)
+    """Ray Train runs of a stage launched at a time, in the stage's order (the longest
+    first). Empty: as many as the cluster's CPUs and GPUs hold, re-read as runs finish.
+    Set it on an autoscaling cluster, where the runs that do not fit yet must be
+    requested for the autoscaler to add nodes."""
     dashboard_host: str = "127.0.0.1"
     """Interface the dashboard of a local cluster binds to; keep 127.0.0.1 unless you
     put authentication in front of it."""
@@ -432,6 +437,10 @@ class TuneConfig(StrictModel):
     point of the simplex grid with step 1/``grid_resolution``."""
     num_samples: int = Field(default=16, ge=1)
     """Optuna trials per combination (the first is the uniform soup)."""
+    objective: Literal["mean", "worst"] = "mean"
+    """What a trial maximises: ``mean``, the mean over the combination's poles of their
+    mean normalised reward; ``worst``, the lowest of them (maximin: a soup that serves
+    every requested pole rather than one pole very well)."""
     grid_resolution: int = Field(default=5, ge=1)
     """Grid step 1/resolution: C(resolution + N - 1, N - 1) trials for N poles."""
     max_concurrent_trials: int = Field(default=2, ge=1)

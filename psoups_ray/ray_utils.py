@@ -34,6 +34,9 @@ def ensure_ray(config: RayConfig) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     log("starting a local Ray cluster")
+    # Ray Train's preemption watcher (one more actor process per run) polls for nodes being
+    # drained, which a single machine's cluster never is.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(
         num_cpus=config.num_cpus,
         num_gpus=config.num_gpus,
@@ -54,6 +57,24 @@ def scaling_config(spec: ScalingSpec):
     )
 
 
+def _serialize_loop(train_loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any]):
+    """(loop, config) as bytes: Ray Train's controller, and the task that calls ``fit()``,
+    then never unpickle them, so they do not import torch, transformers and peft for the
+    stage's modules (several CPU-seconds per process, per run, on a small machine); only
+    the workers, which need them anyway, do."""
+    from ray import cloudpickle
+
+    return cloudpickle.dumps((train_loop, loop_config))
+
+
+def _run_serialized_loop(config: dict[str, bytes]) -> None:
+    """The per-worker entry point of every run: unpickle the stage's loop and run it."""
+    from ray import cloudpickle
+
+    train_loop, loop_config = cloudpickle.loads(config["loop"])
+    train_loop(loop_config)
+
+
 def fit_torch_run(
     train_loop: Callable[[dict[str, Any]], None],
     loop_config: dict[str, Any],
@@ -68,6 +89,10 @@ def fit_torch_run(
     checkpoint (Ray Train restores it; the loop picks it up with
     ``ray.train.get_checkpoint()``).
     """
+    return _fit(_serialize_loop(train_loop, loop_config), resources, rundir, stage, name)
+
+
+def _fit(loop: bytes, resources: ScalingSpec, rundir: RunDir, stage: str, name: str):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -77,8 +102,8 @@ def fit_torch_run(
     os.environ.setdefault(QUEUE_TIMEOUT_ENV, str(QUEUE_TIMEOUT_S))
 
     trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_config,
+        _run_serialized_loop,
+        train_loop_config={"loop": loop},
         scaling_config=scaling_config(resources),
         run_config=RunConfig(
             name=name,
@@ -107,33 +132,66 @@ class TorchRun:
     name: str
 
 
-def fit_torch_runs(runs: list[TorchRun], rundir: RunDir) -> None:
-    """Launch every run at once, each ``TorchTrainer.fit()`` in its own zero-CPU Ray task.
+def fit_torch_runs(runs: list[TorchRun], rundir: RunDir, max_concurrent: int | None = None) -> None:
+    """Run every run, each ``TorchTrainer.fit()`` in its own zero-CPU Ray task.
 
-    Runs execute concurrently as far as the cluster's resources allow; the rest queue
-    for their placement groups. Waits for all; raises one error naming every failed run.
+    Runs are launched in order: with ``max_concurrent`` empty, as many as the cluster's
+    CPUs and GPUs hold at once (re-read whenever one finishes, so nodes added meanwhile
+    are used); otherwise that many, the rest queueing in Ray for their placement groups
+    (which lets an autoscaler see the demand). Launching in order matters: Ray does not
+    grant queued placement groups first come first served, and the longest runs (the
+    baselines) come first. Waits for all; raises one error naming every failed run.
     """
     import ray
 
     _warn_if_unschedulable(runs)
-    fit_remote = ray.remote(num_cpus=0, max_retries=0)(fit_torch_run)
-    pending = {
-        fit_remote.remote(run.train_loop, run.loop_config, run.resources, rundir, run.stage,
-                          run.name): run.name
-        for run in runs
-    }  # fmt: skip
-    log(f"{runs[0].stage}: launched {len(runs)} Ray Train runs: {', '.join(pending.values())}")
-    failures = []
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        name = pending.pop(done[0])
+    fit_remote = ray.remote(num_cpus=0, max_retries=0)(_fit)
+    stage = runs[0].stage
+    waiting, running, failures = list(runs), {}, []
+    log(f"{stage}: {len(runs)} Ray Train runs: {', '.join(run.name for run in runs)}")
+    while waiting or running:
+        while waiting and _may_launch(waiting[0], list(running.values()), max_concurrent):
+            run = waiting.pop(0)
+            loop = _serialize_loop(run.train_loop, run.loop_config)
+            running[fit_remote.remote(loop, run.resources, rundir, stage, run.name)] = run
+            log(
+                f"{stage}: launched run {run.name} ({len(running)} running, {len(waiting)} waiting)"
+            )
+        done, _ = ray.wait(list(running), num_returns=1)
+        run = running.pop(done[0])
         try:
             ray.get(done[0])
-            log(f"{runs[0].stage}: run {name} finished ({len(pending)} still running or queued)")
+            log(f"{stage}: run {run.name} finished ({len(running) + len(waiting)} to go)")
         except Exception as exc:  # a failed run must not hide the others' results
-            failures.append(f"{name}: {getattr(exc, 'cause', None) or exc}")
+            failures.append(f"{run.name}: {getattr(exc, 'cause', None) or exc}")
     if failures:
         raise PsoupsError(f"{len(failures)} Ray Train run(s) failed:\n  " + "\n  ".join(failures))
+
+
+def _needs(spec: ScalingSpec) -> dict[str, float]:
+    """Cluster resources one run holds while it trains."""
+    needs = {"CPU": spec.num_workers * spec.cpus_per_worker}
+    if spec.use_gpu:
+        needs["GPU"] = spec.num_workers * spec.gpus_per_worker
+    return needs
+
+
+def _may_launch(run: TorchRun, running: list[TorchRun], max_concurrent: int | None) -> bool:
+    if not running:
+        return True
+    if max_concurrent is not None:
+        return len(running) < max_concurrent
+    import ray
+
+    total = ray.cluster_resources()
+    held: dict[str, float] = {}
+    for other in running:
+        for key, value in _needs(other.resources).items():
+            held[key] = held.get(key, 0.0) + value
+    return all(
+        held.get(key, 0.0) + value <= total.get(key, 0.0) + 1e-9
+        for key, value in _needs(run.resources).items()
+    )
 
 
 def _warn_if_unschedulable(runs: list[TorchRun]) -> None:
@@ -143,10 +201,7 @@ def _warn_if_unschedulable(runs: list[TorchRun]) -> None:
 
     total = ray.cluster_resources()
     for run in runs:
-        spec = run.resources
-        needs = {"CPU": spec.num_workers * spec.cpus_per_worker}
-        if spec.use_gpu:
-            needs["GPU"] = spec.num_workers * spec.gpus_per_worker
+        needs = _needs(run.resources)
         short = {k: v for k, v in needs.items() if v > total.get(k, 0.0)}
         if short:
             have = ", ".join(f"{k} {total.get(k, 0.0):g}" for k in short)

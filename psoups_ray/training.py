@@ -7,6 +7,7 @@ resuming from the checkpoint Ray Train restored.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -74,6 +75,15 @@ def restore_ray_checkpoint(workdir: str) -> str | None:
     with checkpoint.as_directory() as directory:
         shutil.copytree(Path(directory, RayTrainReportCallback.CHECKPOINT_NAME), target)
     return str(target)
+
+
+def checkpoint_step(checkpoint_dir: str | None) -> int:
+    """Global step of a Hugging Face trainer checkpoint (0 for none): where a resumed run
+    restarts, so the steps it repeats are those it had done past it."""
+    if checkpoint_dir is None:
+        return 0
+    state = json.loads(Path(checkpoint_dir, "trainer_state.json").read_text())
+    return int(state["global_step"])
 
 
 def worker_node_id() -> str | None:

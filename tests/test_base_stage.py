@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,9 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from psoups_ray.config import SMOKE_TEST_OVERRIDES, load_config
 from psoups_ray.errors import PsoupsError
-from psoups_ray.manifest import Manifest
 from psoups_ray.pipeline import run_pipeline
-from psoups_ray.rundir import RunDir
 
 pytestmark = pytest.mark.integration
 
@@ -130,56 +123,3 @@ def test_bad_sft_data_file_names_file_line_and_field(ray_cluster, tmp_path):
 
     with pytest.raises(PsoupsError, match=r"bad\.jsonl:2: field 'prompt' must be a non-empty"):
         read_sft_files(config.base.sft.data_files)
-
-
-def _checkpoints(run: Path) -> list[Path]:
-    return sorted(run.glob("ray/base/base/checkpoint_*"))
-
-
-def test_killed_driver_resumes_from_the_last_checkpoint(tmp_path):
-    """Kill `psoups base` after its first checkpoint; the same command resumes from it."""
-    run = tmp_path / "run"
-    command = [
-        sys.executable,
-        "-m",
-        "psoups_ray",
-        "base",
-        "--smoke-test",
-        "--out",
-        str(run),
-        "--set",
-        "base.sft.steps=60",
-        "--set",
-        "base.sft.checkpoint_every=10",
-        "--set",
-        "ray.num_cpus=2",
-    ]
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    first = subprocess.Popen(
-        command,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 240
-    try:
-        while not _checkpoints(run) and time.monotonic() < deadline:
-            assert first.poll() is None, "the run ended before its first checkpoint"
-            time.sleep(0.5)
-        assert _checkpoints(run), "no checkpoint within 240 s"
-        # The manifest is valid JSON at every moment, including mid-stage.
-        assert (
-            json.loads((run / "manifest.json").read_text())["stages"]["base"]["status"] == "running"
-        )
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
-
-    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "resuming from checkpoint" in second.stderr
-    manifest = Manifest.load(RunDir(run))
-    sft = manifest.data["base"]["metrics"]["sft"]
-    assert sft["resumed"] is True and sft["steps"] == 60
-    assert manifest.is_complete("base")

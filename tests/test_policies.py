@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import checkpoint_steps
 
 from psoups_ray.manifest import Manifest
 from psoups_ray.pipeline import run_pipeline
@@ -75,9 +76,13 @@ def test_the_runs_executed_concurrently(policy_run):
         name: (r["metrics"]["started_at"], r["metrics"]["finished_at"])
         for name, r in records.items()
     }
-    # The runs are launched together (baselines first); two poles train at the same time.
+    # The runs are launched in order, baselines first, as many as the cluster holds: four
+    # at 0.5 CPU on 2 CPUs. Two poles train at the same time; the last two poles wait
+    # for a run to finish, so they start after both baselines.
     (start_a, end_a), (start_b, end_b) = spans["P2A"], spans["P2B"]
     assert max(start_a, start_b) < min(end_a, end_b), spans
+    baselines_started = max(spans["baseline pmorl"][0], spans["baseline rlhf"][0])
+    assert all(baselines_started < spans[pole][0] for pole in ("P3A", "P3B")), spans
     # Ray starts worker processes a few at a time, so later launches may begin as the first
     # end; still, every run overlaps at least one other.
     for name, (start, end) in spans.items():
@@ -201,6 +206,7 @@ def test_killed_worker_resumes_from_its_checkpoint(policy_run, tmp_path):
         time.sleep(0.2)
     workers = _live_train_workers()
     assert workers, "no training worker to kill"
+    newest = checkpoint_steps(out, "policies")
     os.kill(workers[0], signal.SIGKILL)
     thread.join(timeout=600)
     assert not thread.is_alive() and not errors, errors
@@ -208,6 +214,11 @@ def test_killed_worker_resumes_from_its_checkpoint(policy_run, tmp_path):
     resumed = {pole: r["metrics"]["resumed_from_step"] for pole, r in policies.items()}
     assert all(r["metrics"]["steps"] == 6 for r in policies.values())
     assert any(step >= 2 for step in resumed.values()), resumed
+    # A restarted run resumes from the newest checkpoint it had when the worker died, so it
+    # repeats fewer iterations than the checkpoint interval.
+    for pole, step in resumed.items():
+        if step:
+            assert step >= newest.get(pole, 0), (pole, step, newest)
     for record in policies.values():
         history = json.loads(Path(record["path"]).parent.joinpath("metrics.json").read_text())
         assert [int(m["step"]) for m in history["history"]] == list(range(1, 7))

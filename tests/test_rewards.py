@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
+from faults import ManifestWatcher, checkpoint_steps, train_workers_of
 
 from psoups_ray.config import SMOKE_TEST_OVERRIDES, load_config
 from psoups_ray.manifest import Manifest
@@ -230,3 +234,63 @@ def test_deepspeed_zero2_on_cpu(feedback_run, tmp_path):
     ]
     scores = scorer.score("P1B", [prompt] * 2, texts)
     assert scores[0] > scores[1]  # the PhD-level answer outscores the elementary one
+
+
+def test_killed_worker_and_killed_driver_resume_without_retraining(feedback_run, tmp_path):
+    """`psoups run` through the rewards stage: one reward run's worker is killed (Ray Train
+    restarts it from its checkpoint), then the driver itself; the same command again
+    resumes every unfinished run from its newest checkpoint and leaves the completed base
+    and feedback stages alone."""
+    run = _copy(feedback_run, tmp_path)
+    base_record = Manifest.load(RunDir(run)).stage("base")
+    command = [
+        sys.executable, "-m", "psoups_ray", "run", "--smoke-test", "--out", str(run),
+        "--stages", "rewards", "--set", "feedback.pairs_per_pole=200",
+        "--set", "rewards.steps=30", "--set", "rewards.checkpoint_every=4",
+        "--set", "ray.num_cpus=2",
+    ]  # fmt: skip
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    watcher = ManifestWatcher(run / "manifest.json")
+    watcher.start()
+    log = tmp_path / "first.log"
+    with open(log, "w") as output:
+        first = subprocess.Popen(
+            command, env=env, start_new_session=True, stdout=output, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while len(checkpoint_steps(run, "rewards")) < 4 and time.monotonic() < deadline:
+            assert first.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        workers = train_workers_of(first.pid)
+        assert workers, "no Ray Train worker to kill"
+        os.kill(workers[0], signal.SIGKILL)
+        while "resuming from checkpoint" not in log.read_text() and time.monotonic() < deadline:
+            assert first.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        assert "resuming from checkpoint" in log.read_text(), "the killed run did not restart"
+        time.sleep(2)
+        newest = checkpoint_steps(run, "rewards")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert not Manifest.load(RunDir(run)).is_complete("rewards")
+
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    watcher.stopped.set()
+    watcher.join()
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert watcher.reads > 100 and not watcher.errors, (watcher.reads, watcher.errors[:3])
+
+    manifest = Manifest.load(RunDir(run))
+    assert manifest.stage("base") == base_record, "the completed base stage was redone"
+    rewards = {
+        pole: record["metrics"]["train"] for pole, record in manifest.data["rewards"].items()
+    }
+    assert sorted(rewards) == POLES and all(m["steps"] == 30 for m in rewards.values())
+    # Every run unfinished at the kill restarts from the newest checkpoint it had: it
+    # repeats fewer steps than the checkpoint interval.
+    resumed = {pole: m["resumed_from_step"] for pole, m in rewards.items() if m["resumed"]}
+    assert resumed, rewards
+    for pole, step in resumed.items():
+        assert step >= newest.get(pole, 0), (pole, step, newest)

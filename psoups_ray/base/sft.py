@@ -26,7 +26,12 @@ from psoups_ray.config import BaseConfig
 from psoups_ray.generation import generate
 from psoups_ray.progress import log
 from psoups_ray.rundir import RunDir
-from psoups_ray.training import ProgressCallback, restore_ray_checkpoint, trainer_kwargs
+from psoups_ray.training import (
+    ProgressCallback,
+    checkpoint_step,
+    restore_ray_checkpoint,
+    trainer_kwargs,
+)
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,7 @@ def run_sft(job: SFTJob, *, under_ray: bool = False) -> dict[str, Any]:
             "train_loss": float(output.training_loss),
             "steps": int(trainer.state.global_step),
             "resumed": bool(resume_from),
+            "resumed_from_step": checkpoint_step(resume_from),
             "train_seconds": round(train_seconds, 2),
             "num_workers": world_size,
             "num_parameters": sum(p.numel() for p in trainer.model.parameters()),

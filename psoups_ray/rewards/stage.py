@@ -60,6 +60,7 @@ def run_rewards_stage(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
             for job in jobs
         ],
         rundir,
+        config.ray.max_concurrent_runs,
     )
     section: dict[str, Any] = {}
     for job in jobs:

@@ -33,6 +33,7 @@ from psoups_ray.progress import log
 from psoups_ray.rundir import RunDir, local_reference
 from psoups_ray.training import (
     ProgressCallback,
+    checkpoint_step,
     restore_ray_checkpoint,
     threads_for_worker,
     trainer_kwargs,
@@ -221,6 +222,7 @@ def run_reward_training(job: RewardJob, *, under_ray: bool = False) -> dict[str,
             "train_pairs": len(train_rows),
             "eval_pairs": len(eval_rows),
             "resumed": bool(resume_from),
+            "resumed_from_step": checkpoint_step(resume_from),
             "started_at": started_at,
             "finished_at": finished_at,
             "num_workers": world_size,

@@ -102,6 +102,7 @@ def run_policies_stage(config: PsoupsConfig, rundir: RunDir) -> dict[str, dict[s
             for job in launch_order
         ],
         rundir,
+        config.ray.max_concurrent_runs,
     )
     sections: dict[str, dict[str, Any]] = {"policies": {}, "baselines": {}}
     for job in jobs:

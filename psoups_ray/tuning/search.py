@@ -2,8 +2,9 @@
 
 A trial is (combination, weights on the simplex): it borrows a :class:`SoupEvaluator`
 actor from a pool, which generates on the trial prompts with the soup and scores the
-responses with the combination's pole reward models; the trial reports the mean
-normalised reward (``objective``), each pole's reward and weight and, in the tiny world,
+responses with the combination's pole reward models; the trial reports its
+``objective`` (the mean or, with ``tune.objective: worst``, the lowest of the poles' mean
+normalised rewards), each pole's reward and weight and, in the tiny world,
 the attribute success rate. The actors keep base, policies and reward models loaded for
 the whole stage, so no trial loads a model.
 """
@@ -40,6 +41,8 @@ class Sweep:
     preference_prompt: str | None
     generation: GenerationSpec
     seed: int
+    objective: str = "mean"
+    """``tune.objective``: how a trial's pole rewards become the number it maximises."""
 
     @property
     def key(self) -> str:
@@ -64,11 +67,28 @@ def soup_trial(config: dict[str, Any], pool: EvaluatorPool, sweep: Sweep) -> Non
         sweep.preference_prompt,
     )
     result = pool.evaluate([query], sweep.prompts, sweep.generation, sweep.seed)[0]
-    tune.report({**trial_metrics(sweep.combination, weights, result), "started_at": started_at})
+    tune.report(
+        {
+            **trial_metrics(sweep.combination, weights, result, sweep.objective),
+            "started_at": started_at,
+        }
+    )
 
 
-def trial_metrics(combination, weights, result: dict[str, Any]) -> dict[str, float]:
-    metrics = {OBJECTIVE: result["objective"], "response_words": result["response_words"]}
+def objective_of(rewards: dict[str, float], kind: str) -> float:
+    """A trial's objective from its poles' mean normalised rewards (``tune.objective``)."""
+    values = list(rewards.values())
+    if kind == "worst":
+        return min(values)
+    return sum(values) / len(values)
+
+
+def trial_metrics(combination, weights, result: dict[str, Any], objective: str) -> dict[str, float]:
+    metrics = {
+        OBJECTIVE: objective_of(result["rewards"], objective),
+        "mean_reward": result["objective"],
+        "response_words": result["response_words"],
+    }
     for pole, weight in zip(combination, weights, strict=True):
         metrics[f"weight_{pole}"] = weight
         metrics[f"reward_{pole}"] = result["rewards"][pole]
@@ -101,7 +121,7 @@ def run_sweep(
             sweep.generation,
             sweep.seed,
         )[0]
-        return [{"trial": 0, **trial_metrics(sweep.combination, [1.0], result)}]
+        return [{"trial": 0, **trial_metrics(sweep.combination, [1.0], result, sweep.objective)}]
     # Tune's default console output boxes every experiment; the callback below logs one
     # line per trial instead (the legacy reporter at verbose=0 prints nothing).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -169,7 +189,8 @@ def _metric_keys(metrics: dict[str, Any]) -> list[str]:
     return [
         key
         for key in metrics
-        if key in (OBJECTIVE, "success_rate", "response_words") or key.startswith(prefixes)
+        if key in (OBJECTIVE, "mean_reward", "success_rate", "response_words")
+        or key.startswith(prefixes)
     ]
 
 
@@ -199,7 +220,7 @@ class _Progress(Callback):
         )
         success = f" success {result['success_rate']:.2f}" if "success_rate" in result else ""
         log(
-            f"[tune {self.key}] trial {self.done}/{self.total}: {weights} -> reward "
+            f"[tune {self.key}] trial {self.done}/{self.total}: {weights} -> objective "
             f"{result[OBJECTIVE]:+.3f}{success} (best {self.best:+.3f}, "
             f"{time.monotonic() - self.started:.0f}s)"
         )

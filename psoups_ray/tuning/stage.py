@@ -97,6 +97,7 @@ def run_tune_stage(config: PsoupsConfig, rundir: RunDir) -> dict[str, dict[str, 
                 preference_prompt=space.preference_prompt(combination) if prompted else None,
                 generation=spec.generation,
                 seed=derive_seed(config.seed, "tune", str(combination)),
+                objective=spec.objective,
             )
             progress = f"{RESULTS_DIR}/{sweep.key}.json"
             if rundir.exists(progress):
