@@ -688,6 +688,18 @@ def builtin_config_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in files.iterdir() if p.name.endswith(".yaml"))
 
 
+def _safe_load(text: str) -> Any:
+    """``yaml.safe_load``, every failure a ``yaml.YAMLError``: PyYAML's constructors also raise
+    ValueError (``2001-13-01``, an int of over 4300 digits), AttributeError (``!!timestamp x``)
+    and RecursionError (``[[[...`` thousands deep)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise
+    except (ValueError, AttributeError, TypeError, RecursionError) as exc:
+        raise yaml.YAMLError(f"{type(exc).__name__}: {exc}") from None
+
+
 def _read_yaml(source: str | Path | None) -> tuple[dict[str, Any], str]:
     """The raw mapping of a built-in config name or a YAML path, and a label for messages."""
     name = TINY_MODEL if source is None else str(source)
@@ -706,7 +718,7 @@ def _read_yaml(source: str | Path | None) -> tuple[dict[str, Any], str]:
         text = path.read_text()
         label = str(path)
     try:
-        data = yaml.safe_load(text)
+        data = _safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError([f"{label} is not valid YAML: {exc}"]) from None
     if data is None:
@@ -729,7 +741,7 @@ def apply_override(data: dict[str, Any], override: str) -> str | None:
     if any(not part for part in parts):
         return f"override key {key!r} has an empty part"
     try:
-        value = yaml.safe_load(raw_value) if raw_value.strip() else None
+        value = _safe_load(raw_value) if raw_value.strip() else None
     except yaml.YAMLError as exc:
         return f"override {key}: value {raw_value!r} is not valid YAML ({exc.__class__.__name__})"
     node = data

@@ -57,7 +57,9 @@ class PreferenceSpaceSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
-    dimensions: list[DimensionSpec] = Field(default_factory=lambda: list(PAPER_DIMENSIONS))
+    dimensions: list[DimensionSpec] = Field(
+        default_factory=lambda: list(PAPER_DIMENSIONS), min_length=1
+    )
     """Preference dimensions; defaults to the P-Soups paper's three (expertise,
     informativeness, style) with the published preference prompts."""
     combinations: list[str] | None = None
@@ -70,6 +72,12 @@ class PreferenceSpaceSpec(BaseModel):
         for combo in self.combinations or []:
             space.parse(combo)
         return self
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    """``repr(value)``, cut to about ``limit`` characters: messages stay readable for any input."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 @dataclass(frozen=True)
@@ -144,10 +152,11 @@ class PreferenceSpace:
         return list(self._poles)
 
     def pole(self, pole_id: str) -> Pole:
-        canonical = self._by_lower.get(pole_id.strip().lower())
+        spelled = pole_id.strip().lower() if isinstance(pole_id, str) else None
+        canonical = self._by_lower.get(spelled)
         if canonical is None:
             raise CombinationError(
-                f"unknown pole {pole_id!r}; known poles: {', '.join(self._poles)}"
+                f"unknown pole {_shown(pole_id)}; known poles: {', '.join(self._poles)}"
             )
         return self._poles[canonical]
 
@@ -182,11 +191,13 @@ class PreferenceSpace:
         """Parse ``"P2B+P1A"`` (any order or case, spaces allowed) into a canonical combination."""
         if not isinstance(text, str) or not text.strip():
             raise CombinationError(
-                f"empty combination {text!r}; write poles joined by '+', e.g. 'P1A+P2B+P3A'"
+                f"empty combination {_shown(text)}; write poles joined by '+', e.g. 'P1A+P2B+P3A'"
             )
         parts = [part.strip() for part in text.split("+")]
         if any(not part for part in parts):
-            raise CombinationError(f"malformed combination {text!r}: empty pole between '+' signs")
+            raise CombinationError(
+                f"malformed combination {_shown(text)}: empty pole between '+' signs"
+            )
         return self.combination(parts)
 
     def full_combinations(self) -> list[Combination]:

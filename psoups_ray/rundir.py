@@ -16,6 +16,7 @@ point: an artifact counts only once the manifest names it.
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -141,10 +142,8 @@ class RunDir:
                 with self.fs.open_output_stream(target) as stream:
                     stream.write(data)
         except OSError as exc:
-            raise StorageError(
-                f"cannot write {self.uri(relpath)}: {exc}. Check that the run directory is "
-                "writable and has free space; nothing already written was changed"
-            ) from None
+            unchanged = "its previous content is unchanged"
+            raise _write_error(self.uri(relpath), exc, unchanged) from None
 
     def write_text(self, relpath: str, text: str) -> None:
         self.write_bytes(relpath, text.encode("utf-8"))
@@ -185,9 +184,8 @@ class RunDir:
                 self.fs.delete_dir(staging)
             except OSError:
                 pass
-            raise StorageError(
-                f"cannot write directory {self.uri(relpath)}: {exc}. Check that the run "
-                "directory is writable and has free space"
+            raise _write_error(
+                f"directory {self.uri(relpath)}", exc, "the partial copy was removed"
             ) from None
         return self.uri(relpath)
 
@@ -202,10 +200,7 @@ class RunDir:
         """A local directory holding ``relpath``: the directory itself on local storage,
         else a cached download (keyed by location)."""
         if not self.is_dir(relpath):
-            raise StorageError(
-                f"missing artifact directory {self.uri(relpath)}; re-run the stage that "
-                "produces it (with --force if the manifest says it is complete)"
-            )
+            raise missing_artifact(self.uri(relpath), "artifact directory")
         if self.is_local:
             return Path(self.path(relpath))
         key = hashlib.sha256(self.uri(relpath).encode()).hexdigest()[:16]
@@ -226,18 +221,51 @@ class RunDir:
         return cached
 
 
+_OUT_OF_SPACE = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "the file is larger than the file-size limit (ulimit -f) allows",
+}
+
+
+def _write_error(what: str, exc: OSError, unchanged: str) -> StorageError:
+    """A failed write: where, why, what to do; running out of space is named as such."""
+    if exc.errno in _OUT_OF_SPACE:
+        return StorageError(
+            f"cannot write {what}: {_OUT_OF_SPACE[exc.errno]} ({exc.strerror or exc}); "
+            f"{unchanged}. Free space, or raise the quota or limit, and run the same command "
+            "again (finished stages are kept), or use another --out"
+        )
+    return StorageError(
+        f"cannot write {what}: {exc}. Check that the run directory is writable and has free "
+        f"space; {unchanged}"
+    )
+
+
+def missing_artifact(location: str, what: str = "artifact") -> StorageError:
+    """The error for an artifact the run's manifest names but storage no longer holds."""
+    return StorageError(
+        f"missing {what} {location}: the run's manifest records it, but it is gone. Restore "
+        "it, or re-run the stage that produces it with --force (psoups run --stages STAGE "
+        "--force --out RUN)"
+    )
+
+
 def resolve_artifact(location: str) -> Path:
     """A local directory for an artifact location recorded in a manifest (path or URI)."""
     if "://" not in location:
         path = Path(location)
         if not path.exists():
-            raise StorageError(f"artifact {location} does not exist")
+            raise missing_artifact(location)
         return path
     parent, _, name = location.rstrip("/").rpartition("/")
     return RunDir(parent).local_dir(name)
 
 
 def local_reference(reference: str) -> str:
-    """A model reference usable by ``from_pretrained``: URIs become local cached copies;
-    local paths and hub ids pass through."""
-    return str(resolve_artifact(reference)) if "://" in reference else reference
+    """A model reference usable by ``from_pretrained``: URIs become local cached copies,
+    absolute paths must exist (a missing one is a :func:`missing_artifact` error), hub ids
+    and relative paths pass through."""
+    if "://" in reference or os.path.isabs(reference):
+        return str(resolve_artifact(reference))
+    return reference

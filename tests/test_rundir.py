@@ -1,11 +1,17 @@
+import errno
 import json
 import os
+import re
+import subprocess
+import sys
 
+import pyarrow.fs as pafs
 import pytest
 
-from psoups_ray.errors import StorageError
+from psoups_ray.errors import PsoupsError, StorageError
 from psoups_ray.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest
-from psoups_ray.rundir import RunDir, resolve_artifact
+from psoups_ray.rundir import RunDir, local_reference, resolve_artifact
+from psoups_ray.soup.adapters import CONFIG_FILE, WEIGHTS_FILE, read_lora_adapter
 
 
 @pytest.fixture(params=["path", "uri"])
@@ -105,3 +111,126 @@ def test_manifest_from_a_newer_version_or_garbage_is_refused(rundir):
 def test_a_directory_without_a_manifest_is_named_as_not_a_run(tmp_path):
     with pytest.raises(StorageError, match="is not a psoups run directory .*psoups run --out"):
         Manifest.load(RunDir(tmp_path / "empty"))
+
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def leftovers(rundir: RunDir) -> list[str]:
+    return [name for _, dirs, files in os.walk(rundir.path()) for name in dirs + files
+            if ".tmp-" in name]  # fmt: skip
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_manifest(rundir, monkeypatch):
+    manifest = Manifest.open(rundir, {"name": "t"}, {"dimensions": []})
+    before = rundir.read_text(MANIFEST_NAME)
+    monkeypatch.setattr(os, "fsync", no_space)  # where a full disk (or NFS quota) shows up
+    with pytest.raises(StorageError) as info:
+        manifest.start_stage("base", "fp1", {})
+    monkeypatch.undo()
+    message = str(info.value)
+    assert f"cannot write {rundir.uri(MANIFEST_NAME)}: the disk is full" in message
+    assert "its previous content is unchanged. Free space" in message
+    assert rundir.read_text(MANIFEST_NAME) == before
+    assert not leftovers(rundir)
+
+
+def test_a_full_disk_during_a_directory_upload_keeps_the_old_copy(rundir, tmp_path, monkeypatch):
+    source = tmp_path / "adapter"
+    source.mkdir()
+    (source / "weights.txt").write_text("v1")
+    rundir.upload_dir(source, "policies/P1A")
+    monkeypatch.setattr(pafs, "copy_files", no_space)
+    with pytest.raises(StorageError, match=r"cannot write directory .*P1A: the disk is full"):
+        rundir.upload_dir(source, "policies/P1A")
+    monkeypatch.undo()
+    assert (rundir.local_dir("policies/P1A") / "weights.txt").read_text() == "v1"
+    assert not leftovers(rundir)
+
+
+FILE_SIZE_LIMITED_WRITE = """
+import resource, signal, sys
+from psoups_ray.errors import StorageError
+from psoups_ray.rundir import RunDir
+
+rundir = RunDir(sys.argv[1])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+try:
+    rundir.write_text("manifest.json", "x" * 100_000)
+except StorageError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs RLIMIT_FSIZE")
+def test_a_real_file_size_limit_is_a_storage_error_and_keeps_the_old_file(tmp_path):
+    rundir = RunDir(tmp_path / "run")
+    rundir.write_text(MANIFEST_NAME, '{"old": true}')
+    result = subprocess.run(
+        [sys.executable, "-c", FILE_SIZE_LIMITED_WRITE, rundir.location],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"cannot write {rundir.uri(MANIFEST_NAME)}: the file is larger than" in result.stdout
+    assert rundir.read_json(MANIFEST_NAME) == {"old": True}
+    assert not leftovers(rundir)
+
+
+def make_adapter(directory) -> str:
+    """A directory shaped like a PEFT adapter (content is not read by these tests)."""
+    directory.mkdir(parents=True)
+    (directory / CONFIG_FILE).write_text('{"peft_type": "LORA"}')
+    (directory / WEIGHTS_FILE).write_bytes(b"")
+    return str(directory)
+
+
+@pytest.fixture
+def run_with_policy(tmp_path) -> tuple[RunDir, str]:
+    """A run whose manifest names a policy adapter directory."""
+    rundir = RunDir(tmp_path / "run")
+    manifest = Manifest.open(rundir, {"name": "t"}, {"dimensions": []})
+    location = make_adapter(tmp_path / "run" / "policies" / "P1A")
+    manifest.data["policies"] = {"P1A": {"path": location}}
+    manifest.save()
+    return rundir, location
+
+
+def test_an_artifact_deleted_behind_the_manifest_is_named_with_the_fix(run_with_policy):
+    rundir, location = run_with_policy
+    assert local_reference(location) == location
+    for path in (f"{location}/{WEIGHTS_FILE}", f"{location}/{CONFIG_FILE}"):
+        os.unlink(path)
+        missing = f"missing adapter file {re.escape(path)}: .*--force"
+        with pytest.raises(StorageError, match=missing):
+            read_lora_adapter(location)
+    os.rmdir(location)
+    recorded = Manifest.load(rundir).data["policies"]["P1A"]["path"]
+    for load in (local_reference, resolve_artifact, read_lora_adapter):
+        with pytest.raises(StorageError) as info:
+            load(recorded)
+        message = str(info.value)
+        assert f"missing {'adapter directory' if load is read_lora_adapter else 'artifact'}" in (
+            message
+        )
+        assert location in message and "Restore it, or re-run the stage" in message
+    with pytest.raises(StorageError, match=r"missing artifact directory .*P1A.*--force"):
+        resolve_artifact(f"file://{location}")
+
+
+def test_hub_ids_and_relative_paths_pass_through_unchecked():
+    assert local_reference("allenai/tulu-2-7b") == "allenai/tulu-2-7b"
+    assert local_reference("models/local-copy") == "models/local-copy"
+
+
+def test_a_damaged_adapter_says_so_and_what_to_do(run_with_policy):
+    _, location = run_with_policy
+    with pytest.raises(PsoupsError, match=r"adapter_model.safetensors is damaged .*--force"):
+        read_lora_adapter(location)
+    with open(f"{location}/{CONFIG_FILE}", "w") as handle:
+        handle.write("{half")
+    with pytest.raises(PsoupsError, match=r"adapter_config.json is damaged \(not valid JSON"):
+        read_lora_adapter(location)

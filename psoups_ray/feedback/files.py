@@ -31,6 +31,7 @@ JSON_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 CSV_SUFFIXES = (".csv",)
 MAX_LISTED_PROBLEMS = 20
+MAX_LISTED_COLUMNS = 20
 
 STANDARD_COLUMNS = ("prompt", "chosen", "rejected")
 PAPER_COLUMNS = ("user_input", "completion_a", "completion_b")
@@ -59,10 +60,10 @@ class _Table:
     problems: list[str] = field(default_factory=list)  # rows that could not even be parsed
 
     def add(self, where: str, values: Any) -> None:
-        if isinstance(values, Mapping):
-            for column in values:
-                if column not in self.columns:
-                    self.columns.append(str(column))
+        if isinstance(values, Mapping):  # new columns in first-seen order (a dict as a set)
+            known = dict.fromkeys(self.columns)
+            known.update(dict.fromkeys(str(column) for column in values))
+            self.columns = list(known)
         self.rows.append((where, values))
 
 
@@ -95,8 +96,13 @@ def _read_file(
     spec: FeedbackFileSpec, index: int, space: PreferenceSpace, problems: list[str]
 ) -> list[PreferenceRow]:
     path = Path(spec.path).expanduser()
-    name = spec.path
-    if not path.exists():
+    name = _printable(spec.path)
+    try:
+        exists = path.exists()
+    except (OSError, ValueError) as exc:  # a name too long, a NUL byte...
+        problems.append(f"{name}: cannot be opened ({exc}) (feedback.files[{index}].path)")
+        return []
+    if not exists:
         problems.append(f"{name}: does not exist (feedback.files[{index}].path)")
         return []
     try:
@@ -161,26 +167,35 @@ def _read_json(path: Path) -> _Table:
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise _Unreadable(f"is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        except (ValueError, RecursionError) as exc:
+            raise _Unreadable(f"is not valid JSON ({_json_problem(exc)})") from None
         for number, item in enumerate(items, start=1):
             table.add(f"row {number}", item)
         return table
     parsed = failed = 0
     first_failure = ""
-    for number, line in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: str.splitlines also breaks at U+2028 or U+0085, which JSON strings hold
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             table.add(f"line {number}", json.loads(line))
             parsed += 1
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:
             failed += 1
-            first_failure = first_failure or f"line {number}: {exc.msg}"
-            table.problems.append(f"line {number}: not valid JSON ({exc.msg})")
+            first_failure = first_failure or f"line {number}: {_json_problem(exc)}"
+            table.problems.append(f"line {number}: not valid JSON ({_json_problem(exc)})")
     if failed and not parsed:
         raise _Unreadable(f"is not JSON lines ({first_failure})")
     return table
+
+
+def _json_problem(exc: ValueError | RecursionError) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return exc.msg
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return _first_line(exc)  # e.g. an integer of more than 4300 digits
 
 
 def _read_parquet(path: Path) -> _Table:
@@ -189,10 +204,11 @@ def _read_parquet(path: Path) -> _Table:
 
     try:
         arrow_table = pq.read_table(path)
-    except (pa.ArrowException, OSError, ValueError) as exc:
+        records = arrow_table.to_pylist()  # fails on values Python cannot hold (year 10000)
+    except (pa.ArrowException, OSError, ValueError, OverflowError) as exc:
         raise _Unreadable(f"cannot be read as Parquet ({_first_line(exc)})") from None
     table = _Table(columns=list(arrow_table.column_names))
-    for number, values in enumerate(arrow_table.to_pylist(), start=1):
+    for number, values in enumerate(records, start=1):
         table.add(f"row {number}", values)
     return table
 
@@ -242,11 +258,13 @@ def _read_dataset_dir(path: Path) -> _Table:
         splits, labelled = [("", loaded)], False
     table = _Table()
     for split_name, dataset in splits:
-        for column in dataset.column_names:
-            if column not in table.columns:
-                table.columns.append(column)
+        table.columns = list(dict.fromkeys([*table.columns, *dataset.column_names]))
         prefix = f"split {split_name!r} " if labelled else ""
-        for number, values in enumerate(dataset.to_list(), start=1):
+        try:
+            records = dataset.to_list()
+        except (ValueError, OverflowError) as exc:  # values Python cannot hold (year 10000)
+            raise _Unreadable(f"cannot be read ({_first_line(exc)})") from None
+        for number, values in enumerate(records, start=1):
             table.add(f"{prefix}row {number}", values)
     return table
 
@@ -269,7 +287,10 @@ def _layout(columns: Sequence[str]) -> _Layout | None:
 def _missing_columns_message(columns: Sequence[str]) -> str:
     closer = PAPER_COLUMNS if set(PAPER_COLUMNS) & set(columns) else STANDARD_COLUMNS
     missing = [column for column in closer if column not in columns]
-    found = ", ".join(columns) or "(none)"
+    shown = [_printable(column)[:40] for column in columns[:MAX_LISTED_COLUMNS]]
+    if len(columns) > MAX_LISTED_COLUMNS:
+        shown.append(f"... ({len(columns)} in all)")
+    found = ", ".join(shown) or "(none)"
     return (
         f"missing column(s) {', '.join(missing)}; found columns: {found}. Expected either "
         f"prompt, pole, chosen, rejected (pole may be left out when the file's pole is set in "
@@ -289,13 +310,35 @@ def _text_field(values: Mapping[str, Any], column: str, problems: list[str]) -> 
         return None
     if not isinstance(value, str):
         problems.append(
-            f"field {column!r} must be a string, got {type(value).__name__} {value!r:.40}"
+            f"field {column!r} must be a string, got {type(value).__name__} {_preview(value, 40)}"
         )
         return None
     if not value.strip():
         problems.append(f"field {column!r} is empty")
         return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # JSON can spell these ("\ud800"); UTF-8 cannot
+        problems.append(
+            f"field {column!r} is not valid Unicode: an unpaired surrogate at character "
+            f"{exc.start + 1}"
+        )
+        return None
     return value
+
+
+def _printable(text: str) -> str:
+    """``text`` as is, or its ``repr`` when it holds line breaks or other control characters."""
+    return text if text.isprintable() else repr(text)
+
+
+def _preview(value: Any, limit: int) -> str:
+    """``repr(value)`` cut to ``limit`` characters (any value, however nested)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = f"<{type(value).__name__} nested too deeply to show>"
+    return text if len(text) <= limit else text[:limit]
 
 
 def _pole_field(
@@ -318,8 +361,8 @@ def _pole_field(
         pole_id = space.pole(value).id
     except CombinationError:
         problems.append(
-            f"field {POLE_COLUMN!r} is {value!r}, not a pole of the preference space "
-            f"(known poles: {', '.join(space.pole_ids)})"
+            f"field {POLE_COLUMN!r} is {_preview(value, 60)}, not a pole of the preference "
+            f"space (known poles: {', '.join(space.pole_ids)})"
         )
         return None
     if file_pole is not None and pole_id != space.pole(file_pole).id:
@@ -339,7 +382,7 @@ def _validated_row(
     problems: list[str],
 ) -> PreferenceRow | None:
     if not isinstance(values, Mapping):
-        problems.append(f"expected an object with named fields, got {values!r:.60}")
+        problems.append(f"expected an object with named fields, got {_preview(values, 60)}")
         return None
     prompt = _text_field(values, layout.prompt, problems)
     chosen = _text_field(values, layout.chosen, problems)

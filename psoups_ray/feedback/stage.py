@@ -105,9 +105,14 @@ def _file_problems(config: PsoupsConfig) -> list[str]:
     for index, spec in enumerate(config.feedback.files):
         path = Path(spec.path).expanduser()
         key = f"feedback.files[{index}].path"
-        if not path.exists():
+        try:
+            exists, is_file = path.exists(), path.is_file()
+        except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL
+            problems.append(f"{key}: {spec.path!r:.80} cannot be opened ({exc.__class__.__name__})")
+            continue
+        if not exists:
             problems.append(f"{key}: {spec.path} does not exist")
-        elif path.is_file() and path.suffix.lower() not in accepted:
+        elif is_file and path.suffix.lower() not in accepted:
             problems.append(
                 f"{key}: {spec.path} has an unsupported suffix {path.suffix or '(none)'!r}; "
                 f"accepted: {', '.join(accepted)} or a directory saved by datasets' save_to_disk"
@@ -119,7 +124,11 @@ def _generate_problems(config: PsoupsConfig) -> list[str]:
     feedback = config.feedback
     problems = []
     if feedback.prompts_file:
-        if not Path(feedback.prompts_file).expanduser().is_file():
+        try:
+            found = Path(feedback.prompts_file).expanduser().is_file()
+        except (OSError, ValueError):  # a name too long for the file system, a NUL
+            found = False
+        if not found:
             problems.append(f"feedback.prompts_file: {feedback.prompts_file} does not exist")
     elif not config.base.is_tiny:
         problems.append(

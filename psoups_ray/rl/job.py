@@ -266,7 +266,9 @@ def _restore(trainer: PPOTrainer) -> list[dict[str, float]] | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as directory:
-        state = torch.load(Path(directory, STATE_FILE), map_location=trainer.device)
+        state = torch.load(
+            Path(directory, STATE_FILE), map_location=trainer.device, weights_only=True
+        )
     trainer.load_state_dict(state["trainer"])
     return list(state["history"])
 

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from psoups_ray.errors import PsoupsError
+from psoups_ray.rundir import missing_artifact
 
 PREFIX = "base_model.model."
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
@@ -49,12 +51,18 @@ class LoraAdapter:
 def read_lora_adapter(directory: str | Path, name: str | None = None) -> LoraAdapter:
     """Load a PEFT LoRA adapter directory; errors name what is wrong with it."""
     directory = Path(directory)
+    if not directory.is_dir():
+        raise missing_artifact(str(directory), "adapter directory")
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-    if not config_path.is_file() or not weights_path.is_file():
-        raise PsoupsError(
-            f"{directory} is not a PEFT adapter directory (needs {CONFIG_FILE} and {WEIGHTS_FILE})"
-        )
-    config = json.loads(config_path.read_text())
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise missing_artifact(str(path), "adapter file")
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as exc:  # bad JSON or bad UTF-8
+        raise _damaged(config_path, f"not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise _damaged(config_path, "not a JSON object")
     if config.get("peft_type") != "LORA":
         raise PsoupsError(f"{directory} holds a {config.get('peft_type')} adapter, not LoRA")
     for key in ("rank_pattern", "alpha_pattern"):
@@ -62,7 +70,10 @@ def read_lora_adapter(directory: str | Path, name: str | None = None) -> LoraAda
             raise PsoupsError(f"{directory}: adapters with a {key} are not supported for souping")
     if config.get("use_dora"):
         raise PsoupsError(f"{directory}: DoRA adapters are not linear; they cannot be souped")
-    weights = load_file(str(weights_path))
+    try:
+        weights = load_file(str(weights_path))
+    except SafetensorError as exc:
+        raise _damaged(weights_path, f"not readable as safetensors: {exc}") from None
     a, b = {}, {}
     for key, tensor in weights.items():
         if key.endswith(A_SUFFIX):
@@ -72,6 +83,12 @@ def read_lora_adapter(directory: str | Path, name: str | None = None) -> LoraAda
     if not a or set(a) != set(b):
         raise PsoupsError(f"{directory}: LoRA A and B matrices do not pair up")
     return LoraAdapter(name or directory.name, config, a, b)
+
+
+def _damaged(path: Path, why: str) -> PsoupsError:
+    return PsoupsError(
+        f"{path} is damaged ({why}); restore it, or re-run the stage that produced it with --force"
+    )
 
 
 def write_lora_adapter(
