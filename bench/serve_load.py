@@ -19,6 +19,15 @@ tokens (ratio, target <= 1.3); (3) autoscaling: under sustained load the SoupMod
 count rises above ``min_replicas`` and falls back afterwards (logged with timestamps).
 (4) ``mixing`` vs ``merged`` (cache of 2 merged copies) throughput for the 8
 combinations (target >= 3). Throughput phases use one replica of each strategy.
+
+Kill a model replica under load (the app runs on a local Ray cluster):
+
+    python bench/serve_load.py fault --url http://127.0.0.1:8000 --app psoups
+
+keeps ``--concurrency`` clients sending small requests, SIGKILLs one ``SoupModel`` replica
+of ``--app`` after ``--kill-after`` seconds, and prints requests sent, failed, failed while
+in flight at the kill, max latency and the seconds from the kill until a request sent
+after it succeeded (Serve's replacement replica, or the other replicas, took over).
 """
 
 from __future__ import annotations
@@ -27,10 +36,15 @@ import argparse
 import asyncio
 import itertools
 import json
+import math
+import os
+import signal
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlparse
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,6 +125,126 @@ async def run_load(
         "p95_s": _percentile(latencies, 95),
         "p99_s": _percentile(latencies, 99),
     }
+
+
+class Attempt(NamedTuple):
+    """One request of the fault run: when it was sent and answered, and how."""
+
+    sent: float  # time.monotonic()
+    finished: float
+    ok: bool  # HTTP 200
+    timed_out: bool  # no answer within the client timeout
+
+
+def replica_pids(app: str, address: str | None = None) -> list[int]:
+    """PIDs of ``app``'s live SoupModel replicas (Serve names a replica's actor class
+    ``ServeReplica:<app>:<deployment>``); ``address``: the Ray cluster, default: auto."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(
+        address=address,
+        filters=[("class_name", "=", f"ServeReplica:{app}:SoupModel"), ("state", "=", "ALIVE")],
+        limit=100,
+    )
+    return sorted(actor.pid for actor in actors if actor.pid)
+
+
+async def run_fault(
+    url: str,
+    kill: Callable[[], None],
+    models: list[str],
+    concurrency: int,
+    kill_after: float,
+    recovery_timeout: float,
+    settle: float,
+    max_tokens: int,
+    api_key: str | None = None,
+    timeout: float = 150,
+) -> dict[str, float]:
+    """``concurrency`` clients send chat completions back to back; ``kill()`` runs after
+    ``kill_after`` seconds; the load goes on until a request sent after the kill succeeds
+    (or ``recovery_timeout`` passes), then ``settle`` seconds more."""
+    import httpx
+
+    _check_local(url)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    attempts: list[Attempt] = []
+    counter = itertools.count()
+    stop, recovered = asyncio.Event(), asyncio.Event()
+    killed_at = float("inf")
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while not stop.is_set():
+            index = next(counter)
+            body = {
+                "model": models[index % len(models)],
+                "messages": [{"role": "user", "content": QUESTIONS[index % len(QUESTIONS)]}],
+                "max_tokens": max_tokens,
+                "seed": index,
+            }
+            sent, ok, timed_out = time.monotonic(), False, False
+            try:
+                response = await client.post(f"{url}/v1/chat/completions", json=body)
+                ok = response.status_code == 200
+            except httpx.TimeoutException:
+                timed_out = True
+            except httpx.HTTPError:
+                pass
+            attempts.append(Attempt(sent, time.monotonic(), ok, timed_out))
+            if ok and sent >= killed_at:
+                recovered.set()
+
+    async def chaos() -> None:
+        nonlocal killed_at
+        await asyncio.sleep(kill_after)
+        killed_at = time.monotonic()
+        kill()
+        try:
+            await asyncio.wait_for(recovered.wait(), recovery_timeout)
+            await asyncio.sleep(settle)
+        except asyncio.TimeoutError:
+            pass
+        stop.set()
+
+    async with httpx.AsyncClient(headers=headers, timeout=timeout) as client:
+        await asyncio.gather(chaos(), *(worker(client) for _ in range(concurrency)))
+    failed = [a for a in attempts if not a.ok]
+    after = [a.finished - killed_at for a in attempts if a.ok and a.sent >= killed_at]
+    return {
+        "sent": len(attempts),
+        "failed": len(failed),
+        "in_flight_at_kill": sum(a.sent < killed_at <= a.finished for a in attempts),
+        "failed_in_flight": sum(a.sent < killed_at <= a.finished for a in failed),
+        "failed_before_kill": sum(a.finished < killed_at for a in failed),
+        "failed_after_kill": sum(a.sent >= killed_at for a in failed),
+        "timeouts": sum(a.timed_out for a in attempts),
+        "max_latency_s": max((a.finished - a.sent for a in attempts), default=float("nan")),
+        "max_failed_latency_s": max((a.finished - a.sent for a in failed), default=0.0),
+        "recovery_s": min(after, default=float("nan")),
+    }
+
+
+def fault(args: argparse.Namespace) -> int:
+    pids = replica_pids(args.app, args.ray_address)
+    if not pids:
+        raise SystemExit(f"no live SoupModel replica of app {args.app!r} on this Ray cluster")
+    stats = asyncio.run(
+        run_fault(args.url, lambda: os.kill(pids[0], signal.SIGKILL),
+                  args.model or ["psoups:base"], args.concurrency, args.kill_after,
+                  args.recovery_timeout, args.settle, args.max_tokens, args.api_key,
+                  args.timeout)
+    )  # fmt: skip
+    stats["killed_pid"] = pids[0]
+    print(
+        f"fault: {stats['sent']} requests sent, {stats['failed']} failed "
+        f"({stats['failed_in_flight']} of the {stats['in_flight_at_kill']} in flight at the "
+        f"kill, {stats['failed_after_kill']} sent after it), {stats['timeouts']} timed out; "
+        f"max latency {stats['max_latency_s']:.2f}s (of a failed one "
+        f"{stats['max_failed_latency_s']:.2f}s); recovered {stats['recovery_s']:.1f}s after "
+        f"killing replica pid {pids[0]}"
+    )
+    print("FAULT " + json.dumps(stats))
+    return 1 if math.isnan(stats["recovery_s"]) else 0  # nan: never recovered
 
 
 def _print_stats(label: str, stats: dict[str, float]) -> None:
@@ -292,9 +426,23 @@ def main() -> int:
         help="benchmark a random Llama base of this size (e.g. 768x12) with random pole "
         "adapters of the run's rank instead of the run's tiny model (bench/scaled_run.py)",
     )
+    kill = commands.add_parser("fault", help="kill a model replica under load, measure recovery")
+    kill.add_argument("--url", default="http://127.0.0.1:8000")
+    kill.add_argument("--app", default="psoups", help="Serve application whose replica to kill")
+    kill.add_argument("--ray-address", help="the Ray cluster (default: the local one)")
+    kill.add_argument("--model", action="append", help="model ids to cycle (repeatable)")
+    kill.add_argument("--concurrency", type=int, default=4)
+    kill.add_argument("--kill-after", type=float, default=5, help="seconds of load first")
+    kill.add_argument("--recovery-timeout", type=float, default=120)
+    kill.add_argument("--settle", type=float, default=3, help="seconds of load after recovery")
+    kill.add_argument("--max-tokens", type=int, default=8)
+    kill.add_argument("--timeout", type=float, default=150, help="client timeout per request")
+    kill.add_argument("--api-key")
     args = parser.parse_args()
     if args.command == "bench":
         return bench(args)
+    if args.command == "fault":
+        return fault(args)
     if args.concurrency < 1 or args.requests < 1 or args.duration <= 0:
         raise SystemExit("--concurrency and --requests must be >= 1, --duration > 0")
     stats = asyncio.run(

@@ -16,14 +16,19 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from psoups_ray.rundir import RunDir
 
 pytestmark = pytest.mark.integration
 
+REPO = Path(__file__).resolve().parents[1]
 TOKEN_ENV = "PSOUPS_TEST_API_KEY"
 TOKEN = "test-secret"
+HEADERS = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
 TUNED = {"P2A": 0.8, "P3B": 0.2}
+REQUEST_LIMIT = 64 * 1024  # the served app's max_request_bytes
 
 
 def _free_port() -> int:
@@ -52,7 +57,7 @@ def served(policy_run, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app(
         {"run": str(out), "max_tokens": 48, "default_max_tokens": 16, "max_prompt_tokens": 64,
-         "max_n": 3, "auth_token_env": TOKEN_ENV},
+         "max_n": 3, "max_request_bytes": REQUEST_LIMIT, "auth_token_env": TOKEN_ENV},
         {"SoupModel": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}},
          "Ingress": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}}},
     )  # fmt: skip
@@ -239,6 +244,272 @@ def test_malformed_bodies_and_the_next_request_still_works(served):
     assert good.choices[0].message.content is not None
 
 
+def _replica_pid(app: str = "psoups") -> int:
+    from ray import serve
+
+    return serve.get_deployment_handle("SoupModel", app_name=app).info.remote().result()["pid"]
+
+
+def _chat(base_url: str, change: dict, chat: bool = True) -> httpx.Response:
+    """A small valid chat (or completion) request with ``change`` applied."""
+    body: dict = {"model": "psoups:P2A", "max_tokens": 4}
+    body.update({"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "hi"})
+    body.update(change)
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    return httpx.post(f"{base_url}{path}", json=body, headers=HEADERS, timeout=60)
+
+
+EXTREME_VALUES = [  # (change, the 400's param; None: served)
+    ({"max_tokens": 10**30}, "max_tokens"),
+    ({"max_tokens": -(2**70)}, "max_tokens"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": 2.5}, "max_tokens"),
+    ({"max_tokens": "many"}, "max_tokens"),
+    ({"max_tokens": [4]}, "max_tokens"),
+    ({"max_tokens": None}, None),  # the default
+    ({"max_completion_tokens": 2**64}, "max_tokens"),
+    ({"n": 10**30}, "n"),
+    ({"n": -1}, "n"),
+    ({"n": 1.5}, "n"),
+    ({"n": "3x"}, "n"),
+    ({"n": None}, "n"),
+    ({"seed": 2**64}, "seed"),
+    ({"seed": 2**63 - 1, "n": 3}, None),  # seed + choice index stays in torch's range
+    ({"seed": -(2**63)}, None),
+    ({"temperature": 1e308}, "temperature"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"weights": {"P2A": 10.0, "P3B": 0.5}}, None),  # MAX_WEIGHT
+    ({"weights": {"P2A": 10.5}}, "weights"),
+    ({"weights": {"P2A": 1e308}}, "weights"),
+    ({"weights": {"P2A": 10**400}}, "weights.P2A"),  # no float holds it
+]
+
+
+@pytest.mark.parametrize(("change", "param"), EXTREME_VALUES)
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "completion"])
+def test_extreme_numbers_get_a_400_naming_the_field_never_a_500(served, change, param, chat):
+    _, base_url = served
+    response = _chat(base_url, change, chat)
+    if param is None:
+        assert response.status_code == 200 and response.json()["choices"], response.text
+    else:
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == param, response.text
+
+
+def test_a_row_whose_logits_overflow_does_not_fail_its_batch(served):
+    """Weights past MAX_WEIGHT are refused at the edge; should a soup still overflow (say in
+    float16), its row decodes greedily and the other rows of the batch are untouched."""
+    import torch
+
+    from psoups_ray.prompting import format_prompt
+    from psoups_ray.serving.engine import GenerationJob, SamplingParams, SoupEngine
+
+    out, _ = served
+    threads = torch.get_num_threads()
+    try:
+        engine = SoupEngine(str(out), device="cpu")
+        prompt = format_prompt(engine.tokenizer, QUESTION)
+        overflowing = (1e30,) + (0.0,) * (len(engine.poles) - 1)
+        pole = engine.catalog.resolve("psoups:P3A").weights
+        jobs = [
+            GenerationJob(prompt, overflowing, SamplingParams(8, temperature=1.0, seed=1)),
+            GenerationJob(prompt, pole, SamplingParams(8, temperature=0.0)),
+            GenerationJob(prompt, pole, SamplingParams(8, temperature=1.0, seed=3)),
+        ]
+        together = engine.generate(jobs)
+        assert together[1:] == engine.generate(jobs[1:])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_body_over_max_request_bytes_gets_413_whether_declared_or_chunked(served):
+    _, base_url = served
+    url = f"{base_url}/v1/chat/completions"
+
+    def body(size: int) -> bytes:
+        empty = {"model": "psoups:P2A", "messages": [{"role": "user", "content": ""}]}
+        padding = "x" * (size - len(json.dumps(empty)))
+        raw = json.dumps({**empty, "messages": [{"role": "user", "content": padding}]})
+        assert len(raw) == size
+        return raw.encode()
+
+    over = body(REQUEST_LIMIT + 1)
+    declared = httpx.post(url, content=over, headers=HEADERS, timeout=60)
+    chunks = (over[i : i + 4096] for i in range(0, len(over), 4096))  # no Content-Length
+    chunked = httpx.post(url, content=chunks, headers=HEADERS, timeout=60)
+    for response in (declared, chunked):
+        assert response.status_code == 413, response.text
+        message = response.json()["error"]["message"]
+        assert "max_request_bytes" in message and str(REQUEST_LIMIT) in message
+    # At the limit the body is parsed, and refused for its prompt's length instead.
+    at_limit = httpx.post(url, content=body(REQUEST_LIMIT), headers=HEADERS, timeout=60)
+    assert at_limit.status_code == 400 and "tokens" in at_limit.json()["error"]["message"]
+
+
+def test_paths_in_a_request_are_refused(served):
+    """Soups resolve against the catalog read at start (pole ids, tuned weights); nothing
+    in a request is a path. Even the path of a real, loadable pole adapter is refused."""
+    from psoups_ray.manifest import Manifest
+
+    out, base_url = served
+    adapter = str(Manifest.load(RunDir(out)).data["policies"]["P2A"]["path"])
+    for change in [
+        {"model": "../../etc/passwd"},
+        {"model": "psoups:/etc/passwd"},
+        {"model": "psoups:../../etc/passwd"},
+        {"model": "file:///etc/passwd"},
+        {"model": f"psoups:{adapter}"},
+        {"model": f"psoups:P3A+{adapter}"},
+        {"preferences": [adapter]},
+        {"preferences": ["P3A", "../P2A"]},
+        {"weights": {adapter: 1.0}},
+        {"weights": {"../../P2A": 1.0}},
+        {"adapter_path": adapter},
+    ]:
+        for chat in (True, False):
+            response = _chat(base_url, change, chat)
+            assert response.status_code == 400, (change, response.text)
+            assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+# -- property-based fuzzing of the HTTP API ----------------------------------------------
+MISSING = object()  # drop the field
+ANY_CHAR = st.characters() | st.characters(categories=["Cs"])  # lone surrogates too
+POLE_WORDS = ["P2A", "P2B", "P3A", "P3B", "p3b ", "P1A", "P9Z", "base", "", "+", "P2A=0.5",
+              "..", "/etc/passwd", "\ud800", "P2A\x00"]  # fmt: skip
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.sampled_from([2**63, 2**64, -(2**63) - 1, 10**400])
+    | st.floats()  # NaN and Infinity too (json.dumps writes them; json.loads reads them)
+    | st.text(ANY_CHAR, max_size=16)
+    | st.sampled_from(POLE_WORDS)
+)
+JSON_VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(ANY_CHAR, max_size=8),
+                                                                inner, max_size=4),
+    max_leaves=10,
+)  # fmt: skip
+MODELS = (
+    st.lists(st.sampled_from(POLE_WORDS), max_size=4).map(lambda poles: "psoups:" + "+".join(poles))
+    | st.text(ANY_CHAR, max_size=24).map(lambda text: "psoups:" + text)
+    | st.text(ANY_CHAR, max_size=24)
+)
+FIELD_VALUES = {
+    "model": MODELS,
+    "messages": st.lists(
+        st.fixed_dictionaries(
+            {
+                "role": st.sampled_from(["user", "system", "assistant", "robot"]) | JSON_VALUES,
+                "content": st.text(ANY_CHAR, max_size=40) | JSON_VALUES,
+            }
+        ),
+        max_size=3,
+    ),
+    "preferences": st.lists(st.sampled_from(POLE_WORDS), max_size=4),
+    "weights": st.dictionaries(
+        st.sampled_from(POLE_WORDS) | st.text(ANY_CHAR, max_size=6), SCALARS, max_size=3
+    ),
+    "max_tokens": st.integers(min_value=-5, max_value=60),
+    "n": st.integers(min_value=-1, max_value=5),
+    "stream": st.booleans(),
+}
+FIELDS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature",
+          "top_p", "n", "stop", "seed", "stream", "stream_options", "user", "presence_penalty",
+          "frequency_penalty", "preferences", "weights"]  # fmt: skip
+RAW_BODIES = [
+    b"", b"null", b"[" * 5000, b'{"max_tokens": ' + b"9" * 5000 + b"}",
+    b'\xef\xbb\xbf{"model": "psoups:P2A"}', '{"model": "psoups:P2A"}'.encode("utf-16"),
+    b'{"model": "psoups:\xed\xa0\x80"}',  # a surrogate encoded as UTF-8 bytes: invalid
+]  # fmt: skip
+
+
+@st.composite
+def fuzzed_requests(draw) -> tuple[str, bytes, bool, dict[str, str | bytes]]:
+    """(path, body, send chunked, headers): a valid small request with fields dropped or
+    replaced by values of any type, any JSON at all, a body around the size limit, invalid
+    UTF-8 or truncated JSON, and now and then a malformed Authorization header."""
+    chat = draw(st.booleans())
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    shape = draw(st.sampled_from(["fields", "fields", "any", "huge", "raw"]))
+    if shape == "any":
+        raw = json.dumps(draw(JSON_VALUES)).encode()
+    elif shape == "raw":
+        raw = draw(st.sampled_from(RAW_BODIES))
+    else:
+        body: dict = {"model": "psoups:P2A", "max_tokens": 4}
+        body.update({"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "hi"})
+        for field in draw(st.lists(st.sampled_from(FIELDS), unique=True, max_size=3)):
+            value = draw(FIELD_VALUES.get(field, JSON_VALUES) | JSON_VALUES | st.just(MISSING))
+            if value is MISSING:
+                body.pop(field, None)
+            else:
+                body[field] = value
+        if shape == "huge":
+            field = draw(st.sampled_from(["model", "user", "stop", "prompt"]))
+            body[field] = "x" * draw(st.integers(REQUEST_LIMIT - 300, REQUEST_LIMIT + 3000))
+        raw = json.dumps(body).encode()  # ensure_ascii: a lone surrogate travels as \ud800
+        damage = draw(st.sampled_from(["none", "none", "none", "bad utf-8", "truncated"]))
+        cut = draw(st.integers(0, len(raw)))
+        if damage == "bad utf-8":
+            raw = raw[:cut] + draw(st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80"])) + raw[cut:]
+        elif damage == "truncated":
+            raw = raw[:cut]
+    headers: dict[str, str | bytes] = dict(HEADERS)
+    if draw(st.sampled_from([False] * 7 + [True])):
+        latin1 = st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f")
+        token = draw(st.text(latin1, max_size=12))  # non-ASCII too
+        headers["Authorization"] = f"Bearer {token}".rstrip().encode("latin-1")
+    return path, raw, draw(st.booleans()), headers
+
+
+def _assert_handled(response: httpx.Response, body: bytes, authorized: bool) -> None:
+    """2xx or 4xx, never 5xx; an error has an OpenAI-style JSON body; a stream ends well."""
+    assert response.status_code < 500, response.text[:1000]
+    if authorized and len(body) > REQUEST_LIMIT:
+        assert response.status_code == 413, response.text[:1000]
+    if response.status_code >= 400:
+        error = response.json()["error"]
+        assert error["message"] and error["type"], error
+    elif response.headers["content-type"].startswith("text/event-stream"):
+        assert '"server_error"' not in response.text
+        assert response.text.endswith("data: [DONE]\n\n"), response.text[-500:]
+    else:
+        assert response.json()["choices"], response.text[:1000]
+
+
+def test_fuzzed_requests_get_a_2xx_or_4xx_and_the_replica_survives(served):
+    _, base_url = served
+    replica = _replica_pid()
+    with httpx.Client(base_url=base_url, timeout=60) as client:  # a hang fails the example
+
+        @settings(
+            max_examples=150,
+            deadline=None,
+            database=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        )
+        @given(request=fuzzed_requests())
+        def fuzz(request):
+            path, body, chunked, headers = request
+            content = iter([body[: len(body) // 2], body[len(body) // 2 :]]) if chunked else body
+            response = client.post(path, content=content, headers=headers)
+            _assert_handled(response, body, headers["Authorization"] == HEADERS["Authorization"])
+
+        fuzz()
+        good = client.post(
+            "/v1/chat/completions", headers=HEADERS,
+            json={"model": "psoups:P2A+P3B", "messages": [{"role": "user", "content": QUESTION}],
+                  "max_tokens": 4},
+        )  # fmt: skip
+    assert good.status_code == 200 and good.json()["choices"][0]["message"]["content"] is not None
+    assert _replica_pid() == replica  # the same replica process served every request
+
+
 def test_merged_strategy_serves_the_same_soups_through_an_lru_of_merged_copies(served):
     """strategy=merged (cache of one merged copy): the same text as the mixing app for
     every soup, while alternating soups evict each other."""
@@ -311,3 +582,46 @@ def test_psoups_serve_runs_in_the_foreground_and_stops_on_sigterm(served, tmp_pa
             process.kill()
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+
+
+def test_a_killed_model_replica_is_replaced_and_only_its_requests_fail(served, ray_cluster):
+    """bench/serve_load.py fault: clients keep sending small requests to an app of its own
+    while its one SoupModel replica is SIGKILLed; Serve starts a replacement."""
+    from ray import serve
+
+    from psoups_ray.serving.app import build_app
+
+    out, base_url = served
+    app = build_app(
+        {"run": str(out), "max_tokens": 16},
+        {"SoupModel": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}},
+         "Ingress": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.05}}},
+    )  # fmt: skip
+    serve.run(app, name="psoups-fault", route_prefix="/fault")
+    try:
+        before = _replica_pid("psoups-fault")
+        clients = 4
+        result = subprocess.run(
+            [sys.executable, "bench/serve_load.py", "fault", "--url", f"{base_url}/fault",
+             "--app", "psoups-fault", "--ray-address", ray_cluster.address_info["gcs_address"],
+             "--concurrency", str(clients), "--kill-after", "4", "--max-tokens", "8",
+             "--recovery-timeout", "120", "--timeout", "150"],
+            cwd=REPO, capture_output=True, text=True, timeout=400,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        stats = json.loads(result.stdout.split("FAULT ", 1)[1].splitlines()[0])
+        assert stats["killed_pid"] == before and stats["recovery_s"] <= 120, stats
+        # Requests sent meanwhile wait for the replacement, within the client timeout.
+        assert stats["timeouts"] == 0 and stats["max_latency_s"] < 150, stats
+        # Only the requests the killed replica held fail, and fast. The margin: a request
+        # sent right after the kill may still be routed to the dead replica before the
+        # router hears of its death (at most one per client: that failure tells it).
+        assert stats["failed_before_kill"] == 0, stats
+        assert stats["failed"] <= stats["in_flight_at_kill"] + clients, stats
+        assert stats["max_failed_latency_s"] < 30, stats
+        after = _replica_pid("psoups-fault")
+        assert after != before
+        response = _chat(f"{base_url}/fault", {})
+        assert response.status_code == 200, response.text
+    finally:
+        serve.delete("psoups-fault")

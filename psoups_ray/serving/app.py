@@ -34,6 +34,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
+from starlette.requests import ClientDisconnect
 
 from psoups_ray.errors import PsoupsError
 from psoups_ray.serving.engine import (
@@ -78,6 +79,9 @@ class ServeArgs(BaseModel):
     """Upper bound on a request's ``max_tokens``."""
     default_max_tokens: int = Field(default=128, ge=1)
     max_n: int = Field(default=4, ge=1)
+    max_request_bytes: int = Field(default=1 << 20, ge=1)
+    """Largest request body accepted (bytes); a bigger one gets 413 before it is parsed,
+    whether it declares its Content-Length or is sent chunked."""
     auth_token_env: str | None = None
     """Name of an environment variable holding the bearer token; empty: no auth."""
 
@@ -290,17 +294,43 @@ class Ingress:
             return
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), self.token):
+        # bytes: compare_digest refuses str with non-ASCII characters
+        given_token, token = given.strip().encode(), self.token.encode()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given_token, token):
             raise RequestError(
                 401, "missing or wrong bearer token (Authorization: Bearer <key>)", None,
                 "authentication_error",
             )  # fmt: skip
 
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused with 413 as soon as it exceeds ``max_request_bytes`` (by its
+        Content-Length, or while reading a chunked one): the ingress never holds more."""
+        limit = self.settings.max_request_bytes
+        too_large = RequestError(
+            413, f"the request body exceeds max_request_bytes ({limit} bytes)", None
+        )
+        try:
+            declared = int(request.headers.get("content-length", "0"))
+        except ValueError:
+            declared = 0  # the proxy's HTTP parser refuses a malformed one before us
+        if declared > limit:
+            raise too_large
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise RequestError(400, "the client disconnected while sending the body") from None
+        return b"".join(chunks)
+
     async def _parse(self, request: Request, model: type[BaseModel]):
-        raw = await request.body()
+        raw = await self._read_body(request)
         try:
             payload = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # ValueError: also bad UTF-8, huge ints
             raise RequestError(400, f"the request body is not valid JSON: {exc}") from None
         if not isinstance(payload, dict):
             raise RequestError(400, "the request body must be a JSON object")

@@ -25,6 +25,9 @@ from psoups_ray.rundir import RunDir, local_reference
 
 BASE_MODEL = "base"
 MODEL_PREFIX = "psoups:"
+MAX_WEIGHT = 10.0
+"""Largest soup weight a request may give a pole. Weights mix pole policies (tuned ones lie
+on the simplex); far beyond 1 the output is noise, and from about 1e24 the logits overflow."""
 
 
 @dataclass(frozen=True)
@@ -168,8 +171,11 @@ class SoupCatalog:
                 )
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise PsoupsError(f"weights.{pole_id} must be a number, got {value!r}")
-            if not math.isfinite(value) or value < 0:
-                raise PsoupsError(f"weights.{pole_id} must be a finite number >= 0, got {value}")
+            if not math.isfinite(value) or not 0 <= value <= MAX_WEIGHT:
+                raise PsoupsError(
+                    f"weights.{pole_id} must be a finite number >= 0 and <= {MAX_WEIGHT:g}, "
+                    f"got {value}"
+                )
             canonical[pole_id] = float(value)
         combination = self.space.combination(list(canonical))  # one pole per dimension
         if sum(canonical.values()) <= 0:
@@ -332,16 +338,20 @@ class SoupEngine:
 
     @staticmethod
     def _sample(logits, temperature, top_p, rows: list[_Row]) -> torch.Tensor:
-        """Per-row temperature (0 = greedy) and nucleus sampling: (B, V) -> (B,)."""
+        """Per-row temperature (0 = greedy) and nucleus sampling: (B, V) -> (B,).
+
+        A row whose logits overflowed (inf or NaN) decodes greedily rather than failing the
+        whole batch in ``torch.multinomial``."""
         greedy = logits.argmax(dim=-1)
         scaled = logits / temperature.clamp(min=1e-5).unsqueeze(1)
         probs = torch.softmax(scaled, dim=-1)
+        sampleable = torch.isfinite(probs).all(dim=-1)  # (B,)
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         beyond = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p.unsqueeze(1)
         sorted_probs = sorted_probs.masked_fill(beyond, 0.0)  # the top token always stays
         chosen = greedy.clone()
         for index, row in enumerate(rows):
-            if row.done or float(temperature[index]) == 0.0:
+            if row.done or float(temperature[index]) == 0.0 or not bool(sampleable[index]):
                 continue
             pick = torch.multinomial(sorted_probs[index], 1, generator=row.generator)
             chosen[index] = order[index, pick[0]]

@@ -30,7 +30,7 @@ class _Common(BaseModel):
     top_p: float = Field(default=1.0, gt=0, le=1)
     n: int = Field(default=1, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)  # torch takes int64 seeds
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     user: str | None = None
@@ -82,6 +82,8 @@ class CompletionRequest(_Common):
 
 def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error",
                code: str | None = None) -> dict[str, Any]:  # fmt: skip
+    # A message quoting the request may hold lone surrogates, which UTF-8 cannot encode.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -100,5 +102,6 @@ def describe_validation_error(errors: list[dict[str, Any]]) -> tuple[str, str | 
     given = first.get("input")
     text = f"{param}: {message}" if param else message
     if given is not None and not isinstance(given, dict | list):
-        text += f" (given {given!r})"
+        shown = repr(given)
+        text += f" (given {shown if len(shown) <= 80 else shown[:77] + '...'})"
     return text, param
