@@ -225,7 +225,7 @@ async def run_fault(
 
 
 def fault(args: argparse.Namespace) -> int:
-    pids = replica_pids(args.app, args.ray_address)
+    pids = [args.pid] if args.pid else replica_pids(args.app, args.ray_address)
     if not pids:
         raise SystemExit(f"no live SoupModel replica of app {args.app!r} on this Ray cluster")
     stats = asyncio.run(
@@ -430,6 +430,9 @@ def main() -> int:
     kill.add_argument("--url", default="http://127.0.0.1:8000")
     kill.add_argument("--app", default="psoups", help="Serve application whose replica to kill")
     kill.add_argument("--ray-address", help="the Ray cluster (default: the local one)")
+    kill.add_argument(
+        "--pid", type=int, help="the replica process to kill (default: found through Ray)"
+    )
     kill.add_argument("--model", action="append", help="model ids to cycle (repeatable)")
     kill.add_argument("--concurrency", type=int, default=4)
     kill.add_argument("--kill-after", type=float, default=5, help="seconds of load first")

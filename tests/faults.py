@@ -32,8 +32,14 @@ def checkpoint_steps(run: Path, stage: str) -> dict[str, int]:
             latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
         except ValueError:  # being rewritten: the next poll reads it
             continue
-        if latest:
+        if not latest:
+            continue
+        if "step" in latest["metrics"]:  # PPO reports its iteration
             steps[snapshot.parent.name] = int(latest["metrics"]["step"])
+        else:  # a Hugging Face trainer's checkpoint knows its global step
+            state = snapshot.parent / latest["checkpoint_dir_name"] / "checkpoint"
+            state = state / "trainer_state.json"
+            steps[snapshot.parent.name] = int(json.loads(state.read_text())["global_step"])
     return steps
 
 

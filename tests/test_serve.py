@@ -603,7 +603,7 @@ def test_a_killed_model_replica_is_replaced_and_only_its_requests_fail(served, r
         clients = 4
         result = subprocess.run(
             [sys.executable, "bench/serve_load.py", "fault", "--url", f"{base_url}/fault",
-             "--app", "psoups-fault", "--ray-address", ray_cluster.address_info["gcs_address"],
+             "--app", "psoups-fault", "--pid", str(before),
              "--concurrency", str(clients), "--kill-after", "4", "--max-tokens", "8",
              "--recovery-timeout", "120", "--timeout", "150"],
             cwd=REPO, capture_output=True, text=True, timeout=400,
