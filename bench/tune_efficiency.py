@@ -53,7 +53,7 @@ def main() -> int:
     from psoups_ray.rundir import RunDir
     from psoups_ray.seeding import derive_seed
     from psoups_ray.soup.evaluator import EvaluatorPool, SoupModels, evaluator_actor_class
-    from psoups_ray.tuning.search import Sweep, best_trial, run_sweep
+    from psoups_ray.tuning.search import Sweep, best_trial, objective_of, run_sweep
     from psoups_ray.tuning.simplex import simplex_grid
     from psoups_ray.tuning.stage import tune_prompts
 
@@ -124,7 +124,9 @@ def main() -> int:
             ]
         )  # fmt: skip
         for index, name in enumerate(("grid", "optuna")):
-            values = [repeat[index]["objective"] for repeat in rescored]
+            values = [
+                objective_of(repeat[index]["rewards"], sweep.objective) for repeat in rescored
+            ]
             results[name]["held_out"] = sum(values) / len(values)
     finally:
         ray.shutdown()

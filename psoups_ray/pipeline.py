@@ -28,6 +28,22 @@ def _run_base(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
     return run_base_stage(config, rundir)
 
 
+def _check_base(config: PsoupsConfig) -> None:
+    from psoups_ray.base.stage import check_base_config
+
+    check_base_config(config)
+
+
+def _check_policies(config: PsoupsConfig) -> None:
+    from psoups_ray.errors import ConfigError
+    from psoups_ray.feedback.text_judges import text_judge_problems
+
+    if config.uses_text_judge:  # each run measures its text judge win rate at the end
+        problems = text_judge_problems("policies (text judge win rates)")
+        if problems:
+            raise ConfigError(problems)
+
+
 def _run_feedback(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
     from psoups_ray.feedback import run_feedback_stage
 
@@ -96,6 +112,7 @@ STAGES: tuple[Stage, ...] = (
         (),
         ("seed", "world", "base", "preferences"),
         _run_base,
+        check=_check_base,
     ),
     Stage(
         "feedback",
@@ -118,6 +135,7 @@ STAGES: tuple[Stage, ...] = (
         ("rewards",),
         ("seed", "preferences", "policies"),
         _run_policies,
+        check=_check_policies,
         extra_sections=("baselines",),
     ),
     Stage(
@@ -205,6 +223,7 @@ def describe_plan(config: PsoupsConfig) -> list[str]:
         f"evaluate: {', '.join(evaluate.systems)} on {evaluate.num_prompts} prompts; judges "
         "reward"
         + (", attributes" if base.is_tiny else "")
+        + (", text" if evaluate.text_judge else "")
         + (f", llm ({evaluate.llm_judge.model})" if evaluate.llm_judge else ""),
     ]
     return lines

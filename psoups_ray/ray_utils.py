@@ -150,7 +150,8 @@ def fit_torch_runs(runs: list[TorchRun], rundir: RunDir, max_concurrent: int | N
     waiting, running, failures = list(runs), {}, []
     log(f"{stage}: {len(runs)} Ray Train runs: {', '.join(run.name for run in runs)}")
     while waiting or running:
-        while waiting and _may_launch(waiting[0], list(running.values()), max_concurrent):
+        total = ray.cluster_resources() if max_concurrent is None else {}
+        while waiting and _may_launch(waiting[0], list(running.values()), max_concurrent, total):
             run = waiting.pop(0)
             loop = _serialize_loop(run.train_loop, run.loop_config)
             running[fit_remote.remote(loop, run.resources, rundir, stage, run.name)] = run
@@ -176,14 +177,18 @@ def _needs(spec: ScalingSpec) -> dict[str, float]:
     return needs
 
 
-def _may_launch(run: TorchRun, running: list[TorchRun], max_concurrent: int | None) -> bool:
+def _may_launch(
+    run: TorchRun,
+    running: list[TorchRun],
+    max_concurrent: int | None,
+    total: dict[str, float],
+) -> bool:
+    """Whether ``run`` may start now: under ``max_concurrent``, else when the resources of
+    the running runs plus its own fit in the cluster's ``total``."""
     if not running:
         return True
     if max_concurrent is not None:
         return len(running) < max_concurrent
-    import ray
-
-    total = ray.cluster_resources()
     held: dict[str, float] = {}
     for other in running:
         for key, value in _needs(other.resources).items():

@@ -105,3 +105,18 @@ def threads_for_worker(cpus_per_worker: float) -> None:
     import torch
 
     torch.set_num_threads(max(1, int(cpus_per_worker)))
+
+
+def lora_kwargs(spec: Any, num_layers: int) -> dict[str, Any]:
+    """PEFT ``LoraConfig`` arguments of a :class:`~psoups_ray.config.LoraSpec` for a model
+    of ``num_layers`` decoder layers (``top_layers`` -> ``layers_to_transform``)."""
+    kwargs: dict[str, Any] = {
+        "r": spec.r,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout,
+        "target_modules": spec.target_modules,
+    }
+    if spec.top_layers is not None:
+        first = max(num_layers - spec.top_layers, 0)
+        kwargs["layers_to_transform"] = list(range(first, num_layers))
+    return kwargs

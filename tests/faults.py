@@ -8,6 +8,8 @@ import threading
 import time
 from pathlib import Path
 
+from psoups_ray.training import checkpoint_step
+
 
 def train_workers_of(process_id: int) -> list[int]:
     """PIDs of the Ray Train workers among a process's descendants (its own Ray cluster)."""
@@ -37,9 +39,8 @@ def checkpoint_steps(run: Path, stage: str) -> dict[str, int]:
         if "step" in latest["metrics"]:  # PPO reports its iteration
             steps[snapshot.parent.name] = int(latest["metrics"]["step"])
         else:  # a Hugging Face trainer's checkpoint knows its global step
-            state = snapshot.parent / latest["checkpoint_dir_name"] / "checkpoint"
-            state = state / "trainer_state.json"
-            steps[snapshot.parent.name] = int(json.loads(state.read_text())["global_step"])
+            checkpoint = snapshot.parent / latest["checkpoint_dir_name"] / "checkpoint"
+            steps[snapshot.parent.name] = checkpoint_step(str(checkpoint))
     return steps
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import shutil
 from pathlib import Path
@@ -331,3 +333,179 @@ def test_the_report_has_every_table_and_plot_and_rebuilds(evaluated, capsys):
     assert after["stages"]["report"]["status"] == "complete"
     assert main(["report", "--run", str(out / "nowhere")]) == 2
     assert "is not a psoups run directory" in capsys.readouterr().err
+
+
+# -- the text judges, on hand-written responses ----------------------------------------------
+
+PROMPTS = ["How long do I boil an egg?", "Why is the sky blue?", "When does water boil?"]
+# Friendly and rude answers of about the same length: the text judges prefer the friendly
+# one for P3A, the rude one for P3B, and tie them on conciseness (P2A).
+FRIENDLY = [
+    "Hi friend! Boil the egg for eight minutes. Hope this helps!",
+    "Great question!\nBlue light | scatters most in the air. Have fun looking up!",
+    "Happy to help! Water boils at one hundred degrees. Enjoy!",
+]
+RUDE = [
+    "Obviously, boil the egg for eight minutes. Google it, duh.",
+    "Everyone knows this. Blue light scatters most, duh. Stop asking.",
+    "Whatever. Water boils at one hundred degrees. Look it up.",
+]
+TEXT_COMBOS = ["P2A+P3A", "P2A+P3B"]
+POLES = ["P2A", "P3A", "P3B"]
+
+
+def _hand_written(texts: list[str]):
+    from psoups_ray.evaluate.stage import Responses
+
+    return Responses(texts=texts, rewards={pole: [0.0] * len(texts) for pole in POLES}, shown=None)
+
+
+def test_the_text_judge_decides_criterion_by_criterion():
+    from psoups_ray.evaluate.llm import criterion_outcomes, text_judgements
+    from psoups_ray.feedback.text_judges import TextJudge
+
+    combinations = [("P3A",), ("P3B",), ("P3A", "P3B"), ("P2A", "P3A")]
+    responses = {
+        "+".join(poles): {"soup": _hand_written(FRIENDLY), "base": _hand_written(RUDE)}
+        for poles in combinations
+    }
+    outcomes = criterion_outcomes(
+        TextJudge(), "text", combinations, PROMPTS, responses, [("soup", "base")]
+    )
+    # friendly wins P3A (1), loses P3B (0); opposite poles average to 0.5; P2A ties (0.5)
+    expected = [[1.0] * 3, [0.0] * 3, [0.5] * 3, [0.75] * 3]  # (combinations, prompts)
+    assert outcomes["soup", "base"].tolist() == expected
+    judged, success, described = text_judgements(
+        combinations, PROMPTS, responses, [("soup", "base")]
+    )
+    assert judged["soup", "base"].tolist() == expected
+    assert success["P3A"] == {"soup": {"P3A": 1.0}, "base": {"P3A": 0.5}}  # base ties itself
+    assert success["P2A+P3A"]["soup"] == {"P2A": 0.5, "P3A": 1.0}
+    assert success["P3B"]["soup"] == {"P3B": 0.0}
+    assert described["type"] == "text" and described["num_prompts"] == 3
+    # every (pole, prompt) once for the outcomes, once per system for the success
+    assert described["judged"] == 3 * 6 + 2 * 3 * 6
+    without_base = {key: {"soup": answers["soup"]} for key, answers in responses.items()}
+    assert text_judgements(combinations, PROMPTS, without_base, [])[1] == {}
+
+
+def test_a_policys_text_judge_win_rate_is_per_pole_over_the_queries_asking_for_it():
+    from psoups_ray.rl.job import _text_judge_win_rates
+    from psoups_ray.rl.trainer import Query
+
+    queries = [  # like the rlhf baseline's: the first asks for both style poles
+        Query(PROMPTS[0], None, ("P3A", "P3B")),
+        Query(PROMPTS[1], None, ("P3A",)),
+        Query(PROMPTS[2], None, ("P3B",)),
+    ]
+    policy = [FRIENDLY[0], FRIENDLY[1], RUDE[2]]
+    # P3A: friendly beats rude twice; P3B: rude wins the first query, the third ties
+    assert _text_judge_win_rates(queries, policy, RUDE) == {"P3A": 1.0, "P3B": 0.25}
+
+
+@pytest.fixture
+def text_judged_run(tmp_path, monkeypatch):
+    """An evaluate stage (base and the tuned soup, text judge on) and its report, on the
+    hand-written responses: generation and model loading are replaced, the rest is real."""
+    from types import SimpleNamespace
+
+    from conftest import policy_test_config
+
+    from psoups_ray.evaluate import stage
+    from psoups_ray.manifest import Manifest
+    from psoups_ray.report.build import build_report
+    from psoups_ray.rl.job import _text_judge_win_rates
+    from psoups_ray.rl.trainer import Query
+
+    config = policy_test_config(
+        "evaluate.text_judge=true", "evaluate.systems=[base,psoups-tuned]",
+        "evaluate.bootstrap_samples=50",
+    )  # fmt: skip
+    rundir = RunDir(tmp_path / "run")
+    manifest = Manifest.open(rundir, config.model_dump(mode="json"), config.space.to_dict())
+    manifest.data["tuned_weights"] = {key: {p: 0.5 for p in key.split("+")} for key in TEXT_COMBOS}
+    queries = [Query(prompt, None, ("P3A",)) for prompt in PROMPTS]
+    win_rate = _text_judge_win_rates(queries, FRIENDLY, RUDE)
+    manifest.data["policies"] = {
+        "P3A": {
+            "kind": "pole",
+            "metrics": {
+                "eval": {
+                    "base": {"reward": 0.0},
+                    "policy": {
+                        "reward": 0.5,
+                        "kl_to_reference": 1.0,
+                        "text_judge_win_rate": win_rate,
+                    },
+                }
+            },
+        },  # fmt: skip
+    }
+    manifest.save()
+    answers = {
+        key: {"base": _hand_written(RUDE), "psoups-tuned": _hand_written(FRIENDLY)}
+        for key in TEXT_COMBOS
+    }
+    monkeypatch.setattr(stage, "evaluation_prompts", lambda *args: (PROMPTS, 0))
+    models = SimpleNamespace(from_manifest=lambda *args: SimpleNamespace(tiny_world=False))
+    monkeypatch.setattr(stage, "SoupModels", models)
+    monkeypatch.setattr(stage, "_generate", lambda *args: (answers, []))
+    sections = stage.run_evaluate_stage(config, rundir)
+    manifest.data["evaluation"] = sections["evaluation"]
+    manifest.save()
+    build_report(rundir)
+    return rundir, sections["evaluation"]
+
+
+def test_the_text_judge_is_a_judge_of_the_evaluation_with_success_against_base(text_judged_run):
+    rundir, evaluation = text_judged_run
+    assert evaluation["judges"] == ["reward", "text"]
+    rates = evaluation["win_rates"]["text"]["psoups-tuned"]["base"]["combinations"]
+    assert rates["P2A+P3A"]["win_rate"] == 0.75 and rates["P2A+P3B"]["win_rate"] == 0.25
+    assert evaluation["text_judge"]["type"] == "text"
+    metrics = evaluation["metrics"]["P2A+P3B"]
+    assert metrics["base"]["text_success"] == {"P2A": 0.5, "P3B": 0.5}
+    assert metrics["psoups-tuned"]["text_success"] == {"P2A": 0.5, "P3B": 0.0}
+    assert metrics["psoups-tuned"]["text_success_mean"] == 0.25
+    overall = evaluation["metrics_overall"]
+    assert overall["base"]["text_success_mean"] == 0.5
+    assert overall["psoups-tuned"]["text_success_mean"] == 0.5  # (0.75 + 0.25) / 2
+    assert "text_success" not in overall["base"] and "rewards" not in overall["base"]
+    rows = list(csv.DictReader(io.StringIO(rundir.read_text("evaluation/metrics.csv"))))
+    assert [(row["combination"], row["system"]) for row in rows] == [
+        (key, system) for key in TEXT_COMBOS for system in ("base", "psoups-tuned")
+    ]
+    tuned = rows[1]
+    assert (tuned["text_success_P2A"], tuned["text_success_P3A"]) == ("0.5", "1.0")
+    assert (tuned["text_success_mean"], tuned["text_success_P3B"]) == ("0.75", "")
+    assert tuned["reward_P3A"] == "0.0" and "rewards" not in tuned
+
+
+def test_the_report_has_the_text_judge_tables_and_example_generations(text_judged_run):
+    rundir, _ = text_judged_run
+    report = rundir.read_text("report.md")
+    assert "### psoups-tuned: win rate by the programmatic text judges" in report
+    assert "| P2A+P3A | 75% [" in report
+    assert "![psoups-tuned win rates (programmatic text judges)]" in report
+    # Real text has no attribute checkers: no "target success" column.
+    assert "| policy | reward base → policy | KL to base | train time | " \
+        "text judge win rate vs base |" in report  # fmt: skip
+    assert "| P3A 100% |" in report
+    assert "### Text judge success vs base" in report
+    success = report.split("### Text judge success vs base")[1]
+    assert "| system | P2A | P3B | mean |\n|---|---|---|---|\n| base | 50% | 50% | 50% |\n" \
+        "| psoups-tuned | 50% | 0% | 25% |" in success  # fmt: skip
+    examples = report.split("### Example generations")[1]
+    assert "| prompt | base | psoups-tuned |" in examples
+    assert f"| {PROMPTS[0]} | {RUDE[0]} | {FRIENDLY[0]} |" in examples
+    # the pipe escaped, the line break kept as <br>, the third prompt left out
+    assert "| Great question!<br>Blue light \\| scatters most" in examples
+    assert examples.count(PROMPTS[1]) == len(TEXT_COMBOS) and PROMPTS[2] not in examples
+
+
+def test_example_cells_are_cut_and_escaped():
+    from psoups_ray.report.build import _cell_text
+
+    assert _cell_text("a|b\\c\n\n<d>", 100) == "a\\|b\\\\c<br><br>&lt;d&gt;"
+    cut = _cell_text("word " * 200, 400)
+    assert len(cut) <= 402 and cut.endswith(" …")

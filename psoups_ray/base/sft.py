@@ -25,7 +25,7 @@ from psoups_ray.base.model import build_tiny_model, load_causal_lm, load_tokeniz
 from psoups_ray.config import BaseConfig
 from psoups_ray.generation import generate
 from psoups_ray.progress import log
-from psoups_ray.rundir import RunDir
+from psoups_ray.rundir import RunDir, local_reference
 from psoups_ray.training import (
     ProgressCallback,
     checkpoint_step,
@@ -84,7 +84,10 @@ def run_sft(job: SFTJob, *, under_ray: bool = False) -> dict[str, Any]:
         model = build_tiny_model(job.base.tiny, tokenizer, seed=job.seed)
     else:
         model = load_causal_lm(
-            job.init_from, job.base.dtype, job.base.revision, job.base.trust_remote_code
+            local_reference(job.init_from),
+            job.base.dtype,
+            job.base.revision,
+            job.base.trust_remote_code,
         )
     lines = rundir.read_text(job.data_relpath).splitlines()
     dataset = Dataset.from_list([json.loads(line) for line in lines if line.strip()])

@@ -3,12 +3,14 @@
 ``tiny``: train a BPE tokenizer on the tiny world's text, SFT a small Llama-style
 model on mixed-style responses inside a Ray Train run, then sample it on
 held-out prompts and record how often each pole shows (RL needs room to move
-them). A real model: validate and record the reference; SFT it only when
-``base.sft.data_files`` are given.
+them). A real model: validate and record the reference (a GGUF file is dequantised
+once and saved as ``base/pretrained/``, which every later stage loads); SFT it only
+when ``base.sft.data_files`` are given.
 
 Artifacts (in the run directory): ``base/tokenizer/``, ``base/sft_data.jsonl``,
 ``base/model/`` (model + tokenizer, loadable by plain ``transformers``),
-``base/metrics.json``, ``base/samples.jsonl``.
+``base/pretrained/`` (a GGUF base's plain copy), ``base/metrics.json``,
+``base/samples.jsonl``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from psoups_ray.base.model import describe_reference, load_tokenizer
+from psoups_ray.base.model import describe_reference, load_gguf_base, load_tokenizer
 from psoups_ray.base.sft import SFTJob, sft_train_loop
 from psoups_ray.base.tokenizer import train_bpe_tokenizer
 from psoups_ray.config import PsoupsConfig
@@ -28,11 +30,12 @@ from psoups_ray.preferences import PreferenceSpace
 from psoups_ray.progress import log
 from psoups_ray.prompting import format_prompt
 from psoups_ray.ray_utils import fit_torch_run
-from psoups_ray.rundir import RunDir
+from psoups_ray.rundir import RunDir, local_reference
 
 TOKENIZER_DIR = "base/tokenizer"
 SFT_DATA = "base/sft_data.jsonl"
 MODEL_DIR = "base/model"
+PRETRAINED_DIR = "base/pretrained"
 METRICS = "base/metrics.json"
 SAMPLES = "base/samples.jsonl"
 RAY_RUN_NAME = "base"
@@ -43,6 +46,34 @@ def run_base_stage(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
     if config.base.is_tiny:
         return _tiny_base(config, rundir)
     return _real_base(config, rundir)
+
+
+def check_base_config(config: PsoupsConfig) -> None:
+    """A ``package:`` base that is not installed, or a GGUF base that cannot be read, fails
+    before any stage runs (with the command that installs what is missing)."""
+    import importlib.util
+
+    from psoups_ray.base.model import resolve_reference
+    from psoups_ray.errors import ConfigError
+
+    base = config.base
+    if base.is_tiny:
+        return
+    problems = []
+    try:
+        directory = resolve_reference(base.model)
+    except PsoupsError as exc:
+        raise ConfigError([str(exc)]) from None
+    if base.gguf_file:
+        if importlib.util.find_spec("gguf") is None:
+            problems.append(
+                "base.gguf_file: reading a GGUF file needs the gguf package; install it with: "
+                "pip install gguf (or pip install 'psoups_ray[smollm2]')"
+            )
+        if Path(directory).is_dir() and not Path(directory, base.gguf_file).is_file():
+            problems.append(f"base.gguf_file: {base.gguf_file} is not in {directory}")
+    if problems:
+        raise ConfigError(problems)
 
 
 def _tiny_base(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
@@ -163,11 +194,15 @@ def _real_base(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
         "revision": base.revision,
         "metrics": {"reference": facts},
     }
+    if base.gguf_file:
+        section.update(_save_gguf_base(config, rundir))
     if not (base.sft.enabled and base.sft.data_files):
         log("base: no base.sft.data_files given; using the model as it is")
         return section
 
-    tokenizer = load_tokenizer(section["tokenizer_path"], base.revision, base.trust_remote_code)
+    tokenizer = load_tokenizer(
+        local_reference(section["tokenizer_path"]), base.revision, base.trust_remote_code
+    )
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         rundir.upload_dir(tmp, TOKENIZER_DIR)
@@ -184,7 +219,7 @@ def _real_base(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
         data_relpath=SFT_DATA,
         output_relpath=MODEL_DIR,
         metrics_relpath=METRICS,
-        init_from=base.model,
+        init_from=section["model_path"],
     )
     section["metrics"]["sft"] = _fit_sft(config, rundir, job)
     section.update(
@@ -193,6 +228,27 @@ def _real_base(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
         sft_data_path=rundir.uri(SFT_DATA),
     )
     return section
+
+
+def _save_gguf_base(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
+    """Dequantise the GGUF base once into the run directory; the later stages (and their
+    Ray workers, on any node) load that plain copy instead of converting the file again."""
+    base = config.base
+    log(f"base: loading {base.gguf_file} from {base.model} (dequantising the GGUF weights)")
+    model, tokenizer = load_gguf_base(base.model, base.gguf_file, base.trust_remote_code)
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        del model
+        rundir.upload_dir(tmp, PRETRAINED_DIR)
+    log(f"base: saved the {parameters / 1e6:.1f}M-parameter model at {rundir.uri(PRETRAINED_DIR)}")
+    return {
+        "model_path": rundir.uri(PRETRAINED_DIR),
+        "tokenizer_path": rundir.uri(PRETRAINED_DIR),
+        "gguf_file": base.gguf_file,
+        "parameters": parameters,
+    }
 
 
 def read_sft_files(paths: list[str]) -> list[dict[str, str]]:

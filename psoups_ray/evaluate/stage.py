@@ -19,8 +19,11 @@ psoups-tuned     the tuned weights               the combination's if policies.p
 ``base`` and ``rlhf`` do not depend on the combination: they answer once and are scored
 for every combination. Judges: ``reward`` (mean normalised reward of the combination's
 poles; a tie under ``evaluate.reward_tie_threshold``), ``attributes`` (tiny world: share
-of the combination's poles the checkers find) and optionally ``llm`` (criterion by
-criterion, see :mod:`psoups_ray.feedback.openai_judge`).
+of the combination's poles the checkers find) and optionally ``llm`` and ``text``
+(criterion by criterion, see :mod:`psoups_ray.evaluate.llm`). With the text judges each
+system's metrics also hold ``text_success`` (per pole, the share of prompts where the text
+judge prefers its response to ``base``'s, ties half; ``base`` itself scores 0.5) and
+``text_success_mean`` (over the combination's poles).
 
 Artifacts: ``evaluation/samples.jsonl`` (every response with its scores),
 ``evaluation/win_rates.csv``, ``evaluation/metrics.csv``, ``evaluation/summary.json``.
@@ -52,6 +55,8 @@ SAMPLES_PATH = "evaluation/samples.jsonl"
 WIN_RATES_PATH = "evaluation/win_rates.csv"
 METRICS_PATH = "evaluation/metrics.csv"
 SUMMARY_PATH = "evaluation/summary.json"
+PER_POLE_METRICS = {"rewards": "reward", "text_success": "text_success"}
+"""System metrics that hold ``{pole: value}``, and their ``metrics.csv`` column prefix."""
 
 
 @dataclass
@@ -84,6 +89,10 @@ def check_evaluate_config(config: PsoupsConfig) -> None:
         for name in BASELINE_ADAPTERS
         if name in spec.systems and name not in config.policies.baselines
     ]
+    if spec.text_judge:
+        from psoups_ray.feedback.text_judges import text_judge_problems
+
+        problems += text_judge_problems("evaluate.text_judge")
     if spec.llm_judge is not None:
         problems += openai_judge_problems(
             spec.llm_judge, "evaluate.llm_judge", config.space.pole_ids
@@ -181,6 +190,14 @@ def run_evaluate_stage(config: PsoupsConfig, rundir: RunDir) -> dict[str, dict[s
         outcomes["reward"][soup, other] = np.array(reward_rows)  # (combinations, prompts)
         if models.tiny_world:
             outcomes["attributes"][soup, other] = np.array(share_rows)
+    text: dict[str, Any] | None = None
+    text_success: dict[str, dict[str, dict[str, float]]] = {}
+    if spec.text_judge:
+        from psoups_ray.evaluate.llm import text_judgements
+
+        outcomes["text"], text_success, text = text_judgements(
+            combinations, prompts, responses, pairs
+        )
     llm: dict[str, Any] | None = None
     if spec.llm_judge is not None:
         from psoups_ray.evaluate.llm import llm_outcomes
@@ -193,7 +210,12 @@ def run_evaluate_stage(config: PsoupsConfig, rundir: RunDir) -> dict[str, dict[s
     }
     metrics = {
         key: {
-            system: _system_metrics(responses[key][system], poles, models.tiny_world)
+            system: _system_metrics(
+                responses[key][system],
+                poles,
+                models.tiny_world,
+                text_success.get(key, {}).get(system),
+            )
             for system in spec.systems
         }
         for poles, key in zip(combinations, keys, strict=True)
@@ -202,7 +224,7 @@ def run_evaluate_stage(config: PsoupsConfig, rundir: RunDir) -> dict[str, dict[s
         system: {
             name: float(np.mean([metrics[key][system][name] for key in keys]))
             for name in metrics[keys[0]][system]
-            if name != "rewards"
+            if name not in PER_POLE_METRICS
         }
         for system in spec.systems
     }
@@ -221,6 +243,7 @@ def run_evaluate_stage(config: PsoupsConfig, rundir: RunDir) -> dict[str, dict[s
         "metrics": metrics,
         "metrics_overall": overall,
         "llm_judge": llm,
+        "text_judge": text,
         "files": {
             "samples": rundir.uri(SAMPLES_PATH),
             "win_rates": rundir.uri(WIN_RATES_PATH),
@@ -312,7 +335,15 @@ def _win_rate_tables(config, by_pair, keys, seed) -> dict[str, dict[str, Any]]:
     return tables
 
 
-def _system_metrics(responses: Responses, poles: tuple[str, ...], tiny: bool) -> dict[str, Any]:
+def _system_metrics(
+    responses: Responses,
+    poles: tuple[str, ...],
+    tiny: bool,
+    text_success: dict[str, float] | None,
+) -> dict[str, Any]:
+    """One system's metrics for one combination; the per-pole ones are
+    :data:`PER_POLE_METRICS`, every other is a float (averaged into ``metrics_overall``).
+    ``text_success``: the text judge's per-pole success against ``base``, if it judged."""
     metrics: dict[str, Any] = {
         "reward": float(responses.reward_scores(poles).mean()),
         "rewards": {pole: float(np.mean(responses.rewards[pole])) for pole in poles},
@@ -322,6 +353,9 @@ def _system_metrics(responses: Responses, poles: tuple[str, ...], tiny: bool) ->
         shares = responses.pole_shares(poles)
         metrics["success_rate"] = float((shares == 1.0).mean())
         metrics["pole_share"] = float(shares.mean())
+    if text_success is not None:
+        metrics["text_success"] = text_success
+        metrics["text_success_mean"] = float(np.mean(list(text_success.values())))
     return metrics
 
 
@@ -358,14 +392,18 @@ def _win_rate_rows(tables: dict[str, dict[str, dict[str, Any]]]) -> list[dict[st
 
 
 def _metric_rows(metrics: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
-    """One row per combination and system; per-pole rewards as ``reward_<POLE>``."""
+    """One row per combination and system; a per-pole metric as one column per pole,
+    ``<prefix>_<POLE>`` (:data:`PER_POLE_METRICS`)."""
     rows = []
     for key, systems in metrics.items():
         for system, values in systems.items():
             row = {"combination": key, "system": system}
-            row.update({name: round(value, 4) for name, value in values.items()
-                        if name != "rewards"})  # fmt: skip
-            row.update({f"reward_{pole}": round(v, 4) for pole, v in values["rewards"].items()})
+            for name, value in values.items():
+                if name in PER_POLE_METRICS:
+                    prefix = PER_POLE_METRICS[name]
+                    row.update({f"{prefix}_{pole}": round(v, 4) for pole, v in value.items()})
+                else:
+                    row[name] = round(value, 4)
             rows.append(row)
     return rows
 

@@ -59,6 +59,7 @@ class SamplingJob:
     generation: GenerationSpec
     seed: int
     use_gpu: bool = False
+    held_out: tuple[str, ...] = ()  # feedback.eval_prompts_file's prompts (the eval split)
 
 
 @dataclass(frozen=True)
@@ -93,17 +94,26 @@ class Label:
 # --- prompts (driver side) ---------------------------------------------------------------------
 
 
-def read_prompts_file(path: str) -> list[str]:
-    """Instructions from a text file (one per line) or JSONL with a ``prompt`` field."""
+BUILTIN_PREFIX = "builtin:"
+
+
+def read_prompts_file(path: str, key: str = "feedback.prompts_file") -> list[str]:
+    """Instructions from a text file (one per line), JSONL with a ``prompt`` field, or
+    ``builtin:<split>`` (the package's own instruction sets, :mod:`psoups_ray.data`)."""
+    if path.startswith(BUILTIN_PREFIX):
+        from psoups_ray.data import load_prompts
+
+        try:
+            return load_prompts(path[len(BUILTIN_PREFIX) :])
+        except PsoupsError as exc:
+            raise PsoupsError(f"{key}: {exc}") from None
     file = Path(path).expanduser()
     if not file.is_file():
-        raise PsoupsError(f"feedback.prompts_file: {path} does not exist")
+        raise PsoupsError(f"{key}: {path} does not exist")
     try:
         text = file.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
-        raise PsoupsError(
-            f"feedback.prompts_file: cannot read {path} as UTF-8 text ({exc})"
-        ) from None
+        raise PsoupsError(f"{key}: cannot read {path} as UTF-8 text ({exc})") from None
     prompts: list[str] = []
     is_jsonl = file.suffix.lower() in (".jsonl", ".json")
     for number, line in enumerate(text.splitlines(), start=1):
@@ -124,7 +134,7 @@ def read_prompts_file(path: str) -> list[str]:
             )
         prompts.append(value.strip())
     if not prompts:
-        raise PsoupsError(f"feedback.prompts_file: {path} holds no prompts")
+        raise PsoupsError(f"{key}: {path} holds no prompts")
     return prompts
 
 
@@ -154,6 +164,28 @@ def _prompt_pool(config: PsoupsConfig) -> list[str]:
     )
 
 
+def held_out_prompts(config: PsoupsConfig) -> list[str]:
+    """``feedback.eval_prompts_file``'s instructions (none when it is not set); an
+    instruction also in ``prompts_file`` is an error (it would not be held out)."""
+    feedback = config.feedback
+    if not feedback.eval_prompts_file:
+        return []
+    held_out = read_prompts_file(feedback.eval_prompts_file, "feedback.eval_prompts_file")
+    shared = set(held_out) & set(_prompt_pool(config))
+    if shared:
+        raise PsoupsError(
+            f"feedback.eval_prompts_file: {len(shared)} instruction(s) are also in the training "
+            f"prompts (e.g. {sorted(shared)[0]!r:.80}); held-out prompts must not be trained on"
+        )
+    return held_out
+
+
+def eval_pairs_per_pole(config: PsoupsConfig) -> int:
+    """Pairs per pole sampled on the held-out prompts: ``eval_fraction`` of them, at least 2."""
+    feedback = config.feedback
+    return max(2, round(feedback.prompts_per_pole * feedback.eval_fraction))
+
+
 def build_sampling_job(config: PsoupsConfig, rundir: RunDir) -> SamplingJob:
     """The sampling job for ``config``, with the base model recorded in the run's manifest."""
     base: dict[str, Any] = {}
@@ -167,13 +199,20 @@ def build_sampling_job(config: PsoupsConfig, rundir: RunDir) -> SamplingJob:
     pool = _prompt_pool(config)
     space = config.space
     feedback = config.feedback
+    held_out = held_out_prompts(config)
+    n_eval = eval_pairs_per_pole(config) if held_out else 0
     poles = tuple(
         PoleSampling(
             pole=pole_id,
             preference_prompt=space.pole(pole_id).prompt,
             prompts=tuple(
                 sample_prompts(
-                    pool, feedback.prompts_per_pole, derive_seed(config.seed, "prompts", pole_id)
+                    pool,
+                    feedback.prompts_per_pole - n_eval,
+                    derive_seed(config.seed, "prompts", pole_id),
+                )
+                + sample_prompts(
+                    held_out, n_eval, derive_seed(config.seed, "eval-prompts", pole_id)
                 )
             ),
         )
@@ -190,6 +229,7 @@ def build_sampling_job(config: PsoupsConfig, rundir: RunDir) -> SamplingJob:
         generation=feedback.generation,
         seed=config.seed,
         use_gpu=feedback.resources.use_gpu,
+        held_out=tuple(held_out),
     )
 
 
@@ -253,7 +293,11 @@ def make_judge(config: PsoupsConfig, rundir: RunDir) -> PairwiseJudge:
 
         criteria = judge_criteria(feedback.openai, config.space)
         return OpenAIJudge(feedback.openai, criteria, seed=config.seed, cache=JudgeCache(rundir))
-    raise PsoupsError(f"feedback.judge {feedback.judge!r} is not one of checkers, openai")
+    if feedback.judge == "text":
+        from psoups_ray.feedback.text_judges import TextJudge
+
+        return TextJudge()
+    raise PsoupsError(f"feedback.judge {feedback.judge!r} is not one of checkers, openai, text")
 
 
 def judge_responses(

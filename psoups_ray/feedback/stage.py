@@ -120,24 +120,50 @@ def _file_problems(config: PsoupsConfig) -> list[str]:
     return problems
 
 
+def _prompts_file_problem(key: str, path: str) -> str | None:
+    from psoups_ray.data import PROMPT_SPLITS
+    from psoups_ray.feedback.generate import BUILTIN_PREFIX
+
+    if path.startswith(BUILTIN_PREFIX):
+        if path[len(BUILTIN_PREFIX) :] in PROMPT_SPLITS:
+            return None
+        names = ", ".join(BUILTIN_PREFIX + split for split in PROMPT_SPLITS)
+        return f"{key}: unknown built-in prompt set {path!r}; built-in sets: {names}"
+    try:
+        found = Path(path).expanduser().is_file()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL
+        found = False
+    return None if found else f"{key}: {path} does not exist"
+
+
 def _generate_problems(config: PsoupsConfig) -> list[str]:
     feedback = config.feedback
     problems = []
-    if feedback.prompts_file:
-        try:
-            found = Path(feedback.prompts_file).expanduser().is_file()
-        except (OSError, ValueError):  # a name too long for the file system, a NUL
-            found = False
-        if not found:
-            problems.append(f"feedback.prompts_file: {feedback.prompts_file} does not exist")
-    elif not config.base.is_tiny:
+    for key, path in (
+        ("feedback.prompts_file", feedback.prompts_file),
+        ("feedback.eval_prompts_file", feedback.eval_prompts_file),
+    ):
+        problem = _prompts_file_problem(key, path) if path else None
+        if problem:
+            problems.append(problem)
+    if not feedback.prompts_file and not config.base.is_tiny:
         problems.append(
             "feedback.prompts_file: required for source 'generate' with a real base model "
-            "(a .txt with one instruction per line, or JSONL with a 'prompt' field)"
+            "(a .txt with one instruction per line, JSONL with a 'prompt' field, or "
+            "builtin:train for the instructions shipped with psoups_ray)"
         )
     if feedback.judge == "openai":
         problems.extend(
             openai_judge_problems(feedback.openai, "feedback.openai", config.space.pole_ids)
+        )
+    if feedback.judge == "text":
+        from psoups_ray.feedback.text_judges import text_judge_problems
+
+        problems.extend(text_judge_problems("feedback.judge"))
+    if feedback.eval_prompts_file and feedback.prompts_per_pole < 3:
+        problems.append(
+            "feedback.prompts_per_pole: with feedback.eval_prompts_file at least 3 (2 of each "
+            f"pole's pairs are held out); got {feedback.prompts_per_pole}"
         )
     return problems
 
@@ -175,6 +201,24 @@ def _files_feedback(config: PsoupsConfig) -> tuple[Rows, Rows, dict[str, Any]]:
     return train, eval_rows, {"files": [spec.path for spec in feedback.files]}
 
 
+def split_held_out(
+    pairs: Rows, pole_ids: list[str], held_out: set[str], context: str
+) -> tuple[Rows, Rows]:
+    """Pairs on the held-out prompts are the eval split, the rest train; every pole needs
+    at least one of each."""
+    train = [row for row in pairs if row.prompt not in held_out]
+    eval_rows = [row for row in pairs if row.prompt in held_out]
+    empty = [
+        f"{pole} ({split})"
+        for pole in pole_ids
+        for split, rows in (("train", train), ("eval", eval_rows))
+        if not any(row.pole == pole for row in rows)
+    ]
+    if empty:
+        raise PsoupsError(f"feedback: no preference pairs left for {', '.join(empty)}; {context}")
+    return train, eval_rows
+
+
 def _generated_feedback(config: PsoupsConfig, rundir: RunDir) -> tuple[Rows, Rows, dict[str, Any]]:
     from psoups_ray.feedback.generate import (
         MIN_JUDGE_BATCH,
@@ -208,14 +252,16 @@ def _generated_feedback(config: PsoupsConfig, rundir: RunDir) -> tuple[Rows, Row
     tie_summary = ", ".join(f"{pole} {ties[pole]}/{judged[pole]}" for pole in pole_ids)
     log(f"feedback: ties (dropped) per pole: {tie_summary}")
     pairs = [label.to_row() for label in labels if label.verdict != "tie"]
-    train, eval_rows = split_by_prompt(
-        pairs,
-        pole_ids,
-        feedback.eval_fraction,
-        config.seed,
-        context=f"ties dropped (ties/judged) per pole: {tie_summary}; see "
-        f"{rundir.uri(LABELS_PATH)}. Raise feedback.prompts_per_pole or use a stronger base",
+    context = (
+        f"ties dropped (ties/judged) per pole: {tie_summary}; see {rundir.uri(LABELS_PATH)}. "
+        "Raise feedback.prompts_per_pole or use a stronger base"
     )
+    if job.held_out:
+        train, eval_rows = split_held_out(pairs, pole_ids, set(job.held_out), context)
+    else:
+        train, eval_rows = split_by_prompt(
+            pairs, pole_ids, feedback.eval_fraction, config.seed, context=context
+        )
     details = {
         "labels_path": rundir.uri(LABELS_PATH),
         "judged": {pole: judged[pole] for pole in pole_ids},

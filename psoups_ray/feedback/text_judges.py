@@ -44,6 +44,7 @@ every pole: it loses to any response with words, and two such responses tie.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -246,6 +247,21 @@ def _require(module: str) -> Any:
             f"the text judges need the packages textstat and vaderSentiment, and {module!r} "
             f"cannot be imported ({exc}); install them with: {INSTALL_HINT}"
         ) from None
+
+
+def text_judge_problems(key: str) -> list[str]:
+    """What is missing to build a :class:`TextJudge` (checked before any stage runs)."""
+    missing = [
+        module
+        for module in ("textstat", "vaderSentiment")
+        if importlib.util.find_spec(module) is None
+    ]
+    if not missing:
+        return []
+    return [
+        f"{key}: the text judges need {' and '.join(missing)}, which are not installed; "
+        f"install them with: {INSTALL_HINT}"
+    ]
 
 
 def _version(distribution: str) -> str:

@@ -3,13 +3,15 @@
 Sections: configuration, stage timings, base model, reward models, policies (with the
 PPO reward curves), tuned soups (with the Pareto fronts), evaluation (win-rate tables in
 the paper's layout: rows = combinations, columns = opponents; attribute success and
-reward per system; heatmaps) and example generations. A section whose stage has not run
+reward per system; with the text judges each system's success against base; heatmaps)
+and example generations (base vs the tuned soup). A section whose stage has not run
 says so. Plots go to ``report/*.png`` and are linked relatively, so the report reads the
 same wherever the run directory is copied.
 """
 
 from __future__ import annotations
 
+import html
 import json
 from typing import Any
 
@@ -20,6 +22,10 @@ from psoups_ray.rundir import RunDir
 
 REPORT_PATH = "report.md"
 PLOTS_DIR = "report"
+JUDGE_TITLES = {"text": "programmatic text judges"}
+"""How a judge is named in headings and plots, where ``<name> judge`` would not do."""
+EXAMPLE_SYSTEMS = ("base", "psoups-tuned")
+EXAMPLE_CHARS = 400
 
 
 def _pct(value: float | None) -> str:
@@ -28,6 +34,20 @@ def _pct(value: float | None) -> str:
 
 def _num(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{value:+.{digits}f}"
+
+
+def _judge_title(judge: str) -> str:
+    return JUDGE_TITLES.get(judge, f"{judge} judge")
+
+
+def _cell_text(text: str, limit: int) -> str:
+    """``text`` as one Markdown table cell: cut to ``limit`` characters, HTML and Markdown
+    escapes for backslashes and pipes, line breaks as ``<br>``."""
+    text = text.strip()
+    if len(text) > limit:
+        text = text[:limit].rstrip() + " …"
+    text = html.escape(text, quote=False).replace("\\", "\\\\").replace("|", "\\|")
+    return "<br>".join(line.strip() for line in text.splitlines())
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -102,12 +122,28 @@ class Report:
         if not metrics:
             self.lines += ["Not run yet.", ""]
             return
-        sft = metrics.get("sft", {})
-        self.lines.append(
-            f"{sft.get('num_parameters', 0):,} parameters, SFT {sft.get('steps')} steps "
-            f"(final loss {sft.get('train_loss', float('nan')):.3f}, "
-            f"{sft.get('train_seconds', 0):.0f} s)."
-        )
+        section = self.data["base"]
+        sft = metrics.get("sft")
+        reference = metrics.get("reference")
+        if reference is not None:  # a real model
+            source = f"`{section.get('model')}`"
+            if section.get("gguf_file"):
+                source += f", GGUF file `{section['gguf_file']}` (dequantised to float32)"
+            parameters = section.get("parameters")
+            self.lines.append(
+                f"{source}: {reference.get('model_type')} "
+                f"({', '.join(reference.get('architectures') or []) or 'causal LM'})"
+                + (f", {parameters:,} parameters" if parameters else "")
+                + f", vocabulary {reference.get('tokenizer_vocab_size')}, chat template "
+                + ("yes" if reference.get("has_chat_template") else "no")
+                + ("." if sft else "; used as it is (no SFT data given).")
+            )
+        if sft:
+            self.lines.append(
+                f"{sft.get('num_parameters', 0):,} parameters, SFT {sft.get('steps')} steps "
+                f"(final loss {sft.get('train_loss', float('nan')):.3f}, "
+                f"{sft.get('train_seconds', 0):.0f} s)."
+            )
         rates = metrics.get("attribute_rates")
         if rates:
             self.lines += [
@@ -142,27 +178,47 @@ class Report:
         if not runs:
             self.lines += ["Not run yet.", ""]
             return
+        evaluations = {
+            name: record.get("metrics", {}).get("eval", {}) for name, record in runs.items()
+        }
+        text_judged = any(
+            "text_judge_win_rate" in e.get("policy", {}) for e in evaluations.values()
+        )
+        with_success = any("success_rate" in e.get("policy", {}) for e in evaluations.values())
         rows, histories = [], {}
         for name, record in runs.items():
-            evaluation = record.get("metrics", {}).get("eval", {})
-            before, after = evaluation.get("base", {}), evaluation.get("policy", {})
+            before, after = evaluations[name].get("base", {}), evaluations[name].get("policy", {})
             rows.append([
                 name, f"{_num(before.get('reward'))} → {_num(after.get('reward'))}",
-                f"{_pct(before.get('success_rate'))} → {_pct(after.get('success_rate'))}",
                 f"{after.get('kl_to_reference', float('nan')):.1f}",
                 f"{record.get('metrics', {}).get('train_seconds', 0):.0f} s",
             ])  # fmt: skip
+            if with_success:  # the tiny world's attribute checkers
+                success = f"{_pct(before.get('success_rate'))} → {_pct(after.get('success_rate'))}"
+                rows[-1].insert(2, success)
+            if text_judged:
+                rates = after.get("text_judge_win_rate") or {}
+                rows[-1].append(", ".join(f"{pole} {_pct(v)}" for pole, v in rates.items()) or "–")
             folder = "policies" if record.get("kind") == "pole" else "baselines"
             metrics_path = f"{folder}/{name}/metrics.json"
             if self.rundir.exists(metrics_path):
                 history = self.rundir.read_json(metrics_path).get("history") or []
                 if history:
                     histories[name] = history
-        header = ["policy", "reward base → policy", "target success base → policy",
-                  "KL to base", "train time"]  # fmt: skip
+        header = ["policy", "reward base → policy", "KL to base", "train time"]
+        if with_success:
+            header.insert(2, "target success base → policy")
+        note = ""
+        if text_judged:
+            header.append("text judge win rate vs base")
+            note = (
+                " The text judge win rate is, per pole, the share of prompts where the "
+                "programmatic text judges prefer the policy's response to the base's (ties "
+                "half)."
+            )
         self.lines += [
             "Measured on held-out prompts after training; a baseline's reward and success "
-            "are over the combinations it was trained for.",
+            f"are over the combinations it was trained for.{note}",
             "",
             *_table(header, rows),
         ]
@@ -188,7 +244,7 @@ class Report:
             else:
                 held_out = section.get("combinations", {}).get(key, {}).get("held_out", {})
                 uniform, best = held_out.get("uniform", {}), held_out.get("tuned", {})
-                reward = "objective"
+                reward = "mean_reward"
             rows.append([
                 key, " / ".join(f"{pole} {w:.2f}" for pole, w in weights.items()),
                 f"{_num(uniform.get(reward))} → {_num(best.get(reward))}",
@@ -228,7 +284,8 @@ class Report:
         for judge, table in evaluation["win_rates"].items():
             for soup, rates in table.items():
                 opponents = [system for system in evaluation["systems"] if system in rates]
-                self.lines += [f"### {soup}: win rate by the {judge} judge", ""]
+                judge_title = _judge_title(judge)
+                self.lines += [f"### {soup}: win rate by the {judge_title}", ""]
                 header = ["combination", *[f"vs {other}" for other in opponents]]
                 rows = [
                     [key, *[_cell(rates[o]["combinations"][key]) for o in opponents]]
@@ -240,9 +297,9 @@ class Report:
                     self.image(
                         f"win_rates_{judge}_{soup}.png",
                         plots.win_rate_heatmap(
-                            rates, opponents, combinations, f"{soup} win rate, {judge} judge"
+                            rates, opponents, combinations, f"{soup} win rate, {judge_title}"
                         ),
-                        f"{soup} win rates ({judge} judge)",
+                        f"{soup} win rates ({judge_title})",
                     )
         metrics = evaluation["metrics"]
         systems = evaluation["systems"]
@@ -257,35 +314,55 @@ class Report:
             overall = evaluation["metrics_overall"]
             rows.append(["**mean**", *[fmt(overall[s][name]) for s in systems]])
             self.lines += [f"### {title}", "", *_table(["combination", *systems], rows)]
+        self.text_success(evaluation)
         self.examples(evaluation)
 
-    def examples(self, evaluation: dict[str, Any], per_combination: int = 1) -> None:
-        """The first prompt of each combination: base vs the tuned soup."""
+    def text_success(self, evaluation: dict[str, Any]) -> None:
+        """Per combination, each system's text judge success against base, pole by pole."""
+        metrics, systems = evaluation["metrics"], evaluation["systems"]
+        judged = [key for key in evaluation["combinations"]
+                  if "text_success" in metrics[key][systems[0]]]  # fmt: skip
+        if not judged:
+            return
+        self.lines += [
+            "### Text judge success vs base",
+            "",
+            "Share of prompts where the programmatic text judges prefer the system's response "
+            "to base's for the pole, ties half (base against itself: 50%).",
+            "",
+        ]
+        for key in judged:
+            poles = list(metrics[key][systems[0]]["text_success"])
+            rows = [
+                [system, *[_pct(metrics[key][system]["text_success"][pole]) for pole in poles],
+                 _pct(metrics[key][system]["text_success_mean"])]
+                for system in systems
+            ]  # fmt: skip
+            self.lines += [f"**{key}**", "", *_table(["system", *poles, "mean"], rows)]
+
+    def examples(self, evaluation: dict[str, Any], per_combination: int = 2) -> None:
+        """The first ``per_combination`` prompts of each combination, base and the tuned
+        soup side by side (cut to :data:`EXAMPLE_CHARS` characters)."""
         relpath = "evaluation/samples.jsonl"
         if not self.rundir.exists(relpath):
             return
-        wanted = [s for s in ("base", "base+prompt", "psoups-tuned") if s in evaluation["systems"]]
-        seen: dict[tuple[str, str], int] = {}
-        rows = []
+        systems = [system for system in EXAMPLE_SYSTEMS if system in evaluation["systems"]]
+        answers: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}  # key -> prompt -> system
         for line in self.rundir.read_text(relpath).splitlines():
             record = json.loads(line)
-            slot = (record["combination"], record["system"])
-            if record["system"] not in wanted or seen.get(slot, 0) >= per_combination:
-                continue
-            seen[slot] = seen.get(slot, 0) + 1
-            rows.append(record)
+            if record["system"] in systems:
+                by_prompt = answers.setdefault(record["combination"], {})
+                by_prompt.setdefault(record["prompt"], {})[record["system"]] = record
         self.lines += ["### Example generations", ""]
         for key in evaluation["combinations"]:
-            chosen = [r for r in rows if r["combination"] == key]
-            if not chosen:
-                continue
-            self.lines += [f"**{key}**, prompt: *{chosen[0]['prompt']}*", ""]
-            for record in chosen:
-                shown = record.get("poles_shown")
-                note = f" (checkers: {', '.join(shown) or 'no pole'})" if shown is not None else ""
-                text = record["response"].replace("\n", " ").replace("|", "\\|")
-                self.lines += [f"- `{record['system']}`{note}: {text}"]
-            self.lines.append("")
+            prompts = list(answers.get(key, {}).items())[:per_combination]
+            rows = [
+                [_cell_text(prompt, EXAMPLE_CHARS),
+                 *[_example_cell(by_system.get(system)) for system in systems]]
+                for prompt, by_system in prompts
+            ]  # fmt: skip
+            if rows:
+                self.lines += [f"**{key}**", "", *_table(["prompt", *systems], rows)]
 
     def footer(self) -> None:
         self.lines += [
@@ -299,6 +376,17 @@ class Report:
             "`http://127.0.0.1:8000/v1/chat/completions`.",
             "",
         ]
+
+
+def _example_cell(record: dict[str, Any] | None) -> str:
+    """A response for the examples table, with the tiny world's checkers' verdict."""
+    if record is None:
+        return "–"
+    cell = _cell_text(record["response"], EXAMPLE_CHARS)
+    shown = record.get("poles_shown")
+    if shown is not None:
+        cell += f"<br>*checkers: {', '.join(shown) or 'no pole'}*"
+    return cell
 
 
 def _cell(rate: dict[str, Any]) -> str:

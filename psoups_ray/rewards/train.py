@@ -34,6 +34,7 @@ from psoups_ray.rundir import RunDir, local_reference
 from psoups_ray.training import (
     ProgressCallback,
     checkpoint_step,
+    lora_kwargs,
     restore_ray_checkpoint,
     threads_for_worker,
     trainer_kwargs,
@@ -103,13 +104,10 @@ def reward_input(
     return format_prompt(tokenizer, prompt, preference_prompt), text
 
 
-def lora_config(spec) -> LoraConfig:
+def lora_config(spec, num_layers: int) -> LoraConfig:
     return LoraConfig(
         task_type=TaskType.SEQ_CLS,  # also trains and saves the score head (modules_to_save)
-        r=spec.r,
-        lora_alpha=spec.alpha,
-        lora_dropout=spec.dropout,
-        target_modules=spec.target_modules,
+        **lora_kwargs(spec, num_layers),
     )
 
 
@@ -202,7 +200,7 @@ def run_reward_training(job: RewardJob, *, under_ray: bool = False) -> dict[str,
                 [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in train_rows]
             ),
             processing_class=tokenizer,
-            peft_config=lora_config(spec.lora),
+            peft_config=lora_config(spec.lora, model.config.num_hidden_layers),
             callbacks=callbacks,
         )
         trainer.remove_callback(PrinterCallback)

@@ -32,7 +32,7 @@ from psoups_ray.rl.ppo_math import response_mask
 from psoups_ray.rl.trainer import PPOTrainer, Query, RewardFn
 from psoups_ray.rundir import RunDir, local_reference
 from psoups_ray.seeding import derive_seed
-from psoups_ray.training import threads_for_worker, worker_node_id
+from psoups_ray.training import lora_kwargs, threads_for_worker, worker_node_id
 
 STATE_FILE = "ppo_state.pt"
 EpisodeKind = tuple[tuple[str, ...], str | None]  # (poles rewarded, preference prompt)
@@ -59,6 +59,7 @@ class PolicyJob:
     seed: int
     output_relpath: str  # the policy adapter directory
     metrics_relpath: str  # summary + per-iteration history (rank 0)
+    text_judge: bool = False  # also compare policy and base with the programmatic text judges
 
     @property
     def reward_poles(self) -> list[str]:
@@ -142,10 +143,7 @@ def build_trainer(job: PolicyJob, device: torch.device) -> PPOTrainer:
         base_model,
         LoraConfig(
             task_type=TaskType.CAUSAL_LM,
-            r=spec.lora.r,
-            lora_alpha=spec.lora.alpha,
-            lora_dropout=spec.lora.dropout,
-            target_modules=spec.lora.target_modules,
+            **lora_kwargs(spec.lora, base_model.config.num_hidden_layers),
         ),
         adapters,
         critic_from,
@@ -174,8 +172,9 @@ def evaluate_policy(trainer: PPOTrainer, job: PolicyJob) -> dict[str, Any]:
 
     Query i draws episode kind i mod K, so every kind is measured. Returns mean
     normalised reward of both, the policy's mean per-sequence KL to the reference on its
-    own samples, and with the tiny world the attribute rates (per pole, among the samples
-    whose query asked for it, and over all samples).
+    own samples, with the tiny world the attribute rates (per pole, among the samples
+    whose query asked for it, and over all samples) and with ``job.text_judge`` the
+    policy's ``text_judge_win_rate`` against the base (:func:`_text_judge_win_rates`).
     """
     spec = job.policy.eval_generation
     kinds = [job.episodes[i % len(job.episodes)] for i in range(len(job.eval_prompts))]
@@ -186,6 +185,7 @@ def evaluate_policy(trainer: PPOTrainer, job: PolicyJob) -> dict[str, Any]:
     result: dict[str, Any] = {"num_prompts": len(queries)}
     seed = derive_seed(job.seed, "eval")
     eos = trainer.tokenizer.eos_token_id
+    answers: dict[str, list[str]] = {}
     for which in ("policy", "base"):
         texts: list[str] = []
         kls: list[torch.Tensor] = []
@@ -219,6 +219,7 @@ def evaluate_policy(trainer: PPOTrainer, job: PolicyJob) -> dict[str, Any]:
         if job.tiny_world:
             entry.update(_attribute_rates(queries, texts, job.kind != "rlhf"))
         result[which] = entry
+        answers[which] = texts
         result.setdefault("samples", [])
         result["samples"].extend(
             {
@@ -230,7 +231,32 @@ def evaluate_policy(trainer: PPOTrainer, job: PolicyJob) -> dict[str, Any]:
             }
             for q, t in list(zip(queries, texts, strict=True))[:8]
         )
+    if job.text_judge:
+        result["policy"]["text_judge_win_rate"] = _text_judge_win_rates(
+            queries, answers["policy"], answers["base"]
+        )
     return result
+
+
+def _text_judge_win_rates(
+    queries: Sequence[Query], policy_texts: Sequence[str], base_texts: Sequence[str]
+) -> dict[str, float]:
+    """``{pole: share of the queries asking for the pole where the text judge prefers the
+    policy's response to the base's}``, ties half. Both answered the same query with the
+    same seed, so the comparison is paired."""
+    from psoups_ray.feedback.text_judges import TextJudge
+
+    judge = TextJudge()
+    points = {"a": 1.0, "tie": 0.5, "b": 0.0}
+    rates = {}
+    for pole in sorted({pole for query in queries for pole in query.poles}):
+        verdicts = [
+            points[judge.compare(pole, query.prompt, mine, theirs)]
+            for query, mine, theirs in zip(queries, policy_texts, base_texts, strict=True)
+            if pole in query.poles
+        ]
+        rates[pole] = sum(verdicts) / len(verdicts)
+    return rates
 
 
 def _attribute_rates(queries: Sequence[Query], texts: Sequence[str], with_success: bool):
@@ -393,6 +419,11 @@ def _log_eval(job: PolicyJob, result: dict[str, Any]) -> None:
             for pole in policy["target_rates"]
         )
         line += f"; attribute rates {rates}"
+    if "text_judge_win_rate" in policy:
+        rates = ", ".join(
+            f"{pole} {rate:.0%}" for pole, rate in policy["text_judge_win_rate"].items()
+        )
+        line += f"; text judge win rate vs base {rates}"
     log(line)
 
 

@@ -78,6 +78,7 @@ def policy_jobs(
             seed=config.seed,
             output_relpath=f"{_folder(kind)}/{name}/adapter",
             metrics_relpath=f"{_folder(kind)}/{name}/metrics.json",
+            text_judge=config.uses_text_judge,
         )
         for name, (kind, episodes) in kinds.items()
     ]

@@ -261,7 +261,7 @@ class SoupEvaluator:
         seed: int,
         keep_samples: int = 0,
     ) -> list[dict[str, Any]]:
-        """Per query: mean normalised reward of each scored pole, their mean (``objective``),
+        """Per query: mean normalised reward of each scored pole, their mean (``mean_reward``),
         response length, and in the tiny world the share of responses exhibiting every
         scored pole (``success_rate``)."""
         if not prompts:
@@ -278,7 +278,7 @@ class SoupEvaluator:
             result: dict[str, Any] = {
                 "weights": {pole: float(w) for pole, w in query.weights.items()},
                 "rewards": rewards,
-                "objective": sum(rewards.values()) / len(rewards),
+                "mean_reward": sum(rewards.values()) / len(rewards),
                 "response_words": sum(len(t.split()) for t in responses) / len(responses),
             }
             if self.models.tiny_world:

@@ -86,7 +86,7 @@ def objective_of(rewards: dict[str, float], kind: str) -> float:
 def trial_metrics(combination, weights, result: dict[str, Any], objective: str) -> dict[str, float]:
     metrics = {
         OBJECTIVE: objective_of(result["rewards"], objective),
-        "mean_reward": result["objective"],
+        "mean_reward": result["mean_reward"],
         "response_words": result["response_words"],
     }
     for pole, weight in zip(combination, weights, strict=True):

@@ -61,7 +61,7 @@ def tune_prompts(config: PsoupsConfig, rundir: RunDir) -> tuple[list[str], list[
 
 
 def _summary(result: dict[str, Any]) -> dict[str, Any]:
-    keep = ("weights", "rewards", "objective", "success_rate", "target_rates", "response_words")
+    keep = ("weights", "rewards", "mean_reward", "success_rate", "target_rates", "response_words")
     return {key: result[key] for key in keep if key in result}
 
 
@@ -159,7 +159,9 @@ def _log_comparison(combos: dict[str, dict[str, Any]]) -> None:
     log("tune: held-out comparison (mean normalised reward; success = every pole shown)")
     for key, record in combos.items():
         uniform, tuned = record["held_out"]["uniform"], record["held_out"]["tuned"]
-        line = f"  {key:<14} uniform {uniform['objective']:+.3f}  tuned {tuned['objective']:+.3f}"
+        line = (
+            f"  {key:<14} uniform {uniform['mean_reward']:+.3f}  tuned {tuned['mean_reward']:+.3f}"
+        )
         if "success_rate" in tuned:
             line += f"  success {uniform['success_rate']:.2f} -> {tuned['success_rate']:.2f}"
         weights = ", ".join(f"{p}={w:.2f}" for p, w in tuned["weights"].items())
