@@ -220,6 +220,11 @@ class FeedbackConfig(StrictModel):
     ``generate`` for a real model."""
     pairs_per_pole: int = Field(default=1000, ge=2)
     """``world``: pairs generated per pole."""
+    pairs: Literal["prompted", "contrast"] = "prompted"
+    """``generate``: ``prompted`` samples both responses with the pole's preference prompt
+    (the paper); ``contrast`` samples the second with the other pole of the dimension's
+    prompt, so the two differ more, and a two-pole dimension's poles share the samples
+    (every pair is judged for both: half the sampling per pair)."""
     eval_fraction: float = Field(default=0.1, gt=0, lt=1)
     """Share of each pole's pairs held out to measure reward-model accuracy."""
     files: list[FeedbackFileSpec] = Field(default_factory=list)
@@ -707,7 +712,7 @@ SMOKE_TEST_OVERRIDES: tuple[str, ...] = (
     "base.num_sample_prompts=8",
     "base.sample.max_new_tokens=64",
     "feedback.pairs_per_pole=100",
-    "feedback.prompts_per_pole=8",
+    "feedback.prompts_per_pole=12",  # generated: 3 of them held out, so ties leave some
     "feedback.generation.max_new_tokens=32",
     "rewards.steps=10",
     "rewards.checkpoint_every=5",

@@ -221,3 +221,51 @@ def test_sample_prompts_is_seeded_and_distinct_while_the_pool_lasts():
     assert len(set(sample_prompts(pool, 10, seed=1))) == 10
     assert sorted(sample_prompts(pool, 25, seed=1)[:10]) == sorted(pool)
     assert len(sample_prompts(pool, 25, seed=1)) == 25
+
+
+def test_contrast_pairs_share_a_dimensions_samples_and_judge_them_for_both_poles(
+    tiny_model_dir, tmp_path
+):
+    config = generate_config(pairs="contrast")
+    rundir = run_with_base(tmp_path, tiny_model_dir, config)
+    job = build_sampling_job(config, rundir)
+    (sampling,) = job.poles  # P3A against P3B's prompt, judged for both
+    friendly, unfriendly = (pole["prompt"] for pole in STYLE_ONLY["dimensions"][0]["poles"])
+    assert (sampling.pole, sampling.also_judged) == ("P3A", ("P3B",))
+    assert (sampling.preference_prompt, sampling.contrast_prompt) == (friendly, unfriendly)
+    labels = sample_and_judge(job, CheckerJudge())
+    by_pole = {pole: [label for label in labels if label.pole == pole] for pole in ("P3A", "P3B")}
+    assert len(by_pole["P3A"]) == len(by_pole["P3B"]) == 12
+    opposite = {"a": "b", "b": "a", "tie": "tie"}
+    for mine, theirs in zip(by_pole["P3A"], by_pole["P3B"], strict=True):
+        assert (mine.prompt, mine.response_a, mine.response_b) == (
+            theirs.prompt, theirs.response_a, theirs.response_b,
+        )  # fmt: skip
+        assert theirs.verdict == opposite[mine.verdict]  # the checkers see one style or the other
+    assert any(label.verdict != "tie" for label in labels)
+
+    three = PsoupsConfig.model_validate(
+        {
+            "preferences": {
+                "dimensions": [
+                    {
+                        "id": "T",
+                        "name": "tone",
+                        "poles": [{"id": f"T{c}", "name": c, "prompt": f"Be {c}."} for c in "ABC"],
+                    }
+                ]
+            },  # fmt: skip
+            "base": {"model": str(tiny_model_dir)},
+            "feedback": {
+                "source": "generate",
+                "judge": "openai",
+                "pairs": "contrast",
+                "prompts_file": "builtin:train",
+            },  # fmt: skip
+        }
+    )
+    rundir = run_with_base(tmp_path / "three", tiny_model_dir, three)
+    samplings = build_sampling_job(three, rundir).poles  # each pole against the next one
+    assert [(s.pole, s.contrast_prompt, s.also_judged) for s in samplings] == [
+        ("TA", "Be B.", ()), ("TB", "Be C.", ()), ("TC", "Be A.", ()),
+    ]  # fmt: skip

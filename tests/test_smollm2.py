@@ -146,7 +146,6 @@ def test_the_gguf_base_loads_dequantised_and_saves_as_a_plain_model(tmp_path):
 
 SMOKE = [
     *SMOKE_TEST_OVERRIDES,
-    "feedback.prompts_per_pole=12",  # 3 held-out pairs per pole: ties leave at least one
     "tune.combinations=[P1A+P2B+P3A,P1B+P2A+P3B]",
 ]
 

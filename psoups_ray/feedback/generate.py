@@ -2,7 +2,11 @@
 
 For each pole, ``prompts_per_pole`` instructions get the pole's preference prompt appended,
 the base samples two responses (two seeds), and a pairwise judge says which better
-satisfies the pole. :func:`sample_responses` and :func:`judge_responses` do the work and run
+satisfies the pole. With ``feedback.pairs: contrast`` the second response is sampled with
+the other pole of the dimension's preference prompt instead, and the two poles of a
+dimension share the samples: every pair is judged for both (half the sampling per pair).
+
+:func:`sample_responses` and :func:`judge_responses` do the work and run
 anywhere (:func:`sample_and_judge` chains them); :func:`run_sampling_task` runs the sampling
 as one Ray task with ``feedback.resources`` (GPUs for a real model).
 
@@ -39,11 +43,22 @@ Responses = dict[str, tuple[list[str], list[str]]]
 
 @dataclass(frozen=True)
 class PoleSampling:
-    """What to sample for one pole: its preference prompt and the raw instructions."""
+    """What to sample for one pole: its preference prompt and the raw instructions.
+
+    ``contrast_prompt``: the second response's preference prompt (empty: the pole's own,
+    two samples of the same query); ``also_judged``: further poles whose labels come from
+    the same pairs (the other pole of a two-pole dimension under ``pairs: contrast``).
+    """
 
     pole: str
     preference_prompt: str
     prompts: tuple[str, ...]
+    contrast_prompt: str | None = None
+    also_judged: tuple[str, ...] = ()
+
+    @property
+    def judged_poles(self) -> tuple[str, ...]:
+        return (self.pole, *self.also_judged)
 
 
 @dataclass(frozen=True)
@@ -201,23 +216,20 @@ def build_sampling_job(config: PsoupsConfig, rundir: RunDir) -> SamplingJob:
     feedback = config.feedback
     held_out = held_out_prompts(config)
     n_eval = eval_pairs_per_pole(config) if held_out else 0
-    poles = tuple(
-        PoleSampling(
-            pole=pole_id,
-            preference_prompt=space.pole(pole_id).prompt,
-            prompts=tuple(
-                sample_prompts(
-                    pool,
-                    feedback.prompts_per_pole - n_eval,
-                    derive_seed(config.seed, "prompts", pole_id),
-                )
-                + sample_prompts(
-                    held_out, n_eval, derive_seed(config.seed, "eval-prompts", pole_id)
-                )
-            ),
+
+    def prompts_for(pole_id: str) -> tuple[str, ...]:
+        n_train = feedback.prompts_per_pole - n_eval
+        train = sample_prompts(pool, n_train, derive_seed(config.seed, "prompts", pole_id))
+        held = sample_prompts(held_out, n_eval, derive_seed(config.seed, "eval-prompts", pole_id))
+        return tuple(train + held)
+
+    if feedback.pairs == "contrast":
+        poles = contrast_samplings(config, prompts_for)
+    else:
+        poles = tuple(
+            PoleSampling(pole_id, space.pole(pole_id).prompt, prompts_for(pole_id))
+            for pole_id in space.pole_ids
         )
-        for pole_id in space.pole_ids
-    )
     from_hub = base["model_path"] == base.get("model")
     return SamplingJob(
         model_path=base["model_path"],
@@ -231,6 +243,34 @@ def build_sampling_job(config: PsoupsConfig, rundir: RunDir) -> SamplingJob:
         use_gpu=feedback.resources.use_gpu,
         held_out=tuple(held_out),
     )
+
+
+def contrast_samplings(
+    config: PsoupsConfig, prompts_for: Callable[[str], tuple[str, ...]]
+) -> tuple[PoleSampling, ...]:
+    """``pairs: contrast``: per dimension, each pole's query against the next pole's (the
+    last pole's against the first's); a two-pole dimension samples once for both poles."""
+    space = config.space
+    samplings = []
+    for dimension in space.dimensions:
+        poles = list(dimension.poles)
+        if len(poles) == 1:
+            raise PsoupsError(
+                f"feedback.pairs 'contrast' needs two poles per dimension; {dimension.id} has one"
+            )
+        shared = len(poles) == 2
+        for index, pole in enumerate(poles[:1] if shared else poles):
+            other = poles[(index + 1) % len(poles)]
+            samplings.append(
+                PoleSampling(
+                    pole=pole.id,
+                    preference_prompt=pole.prompt,
+                    prompts=prompts_for(pole.id),
+                    contrast_prompt=other.prompt,
+                    also_judged=(other.id,) if shared else (),
+                )
+            )
+    return tuple(samplings)
 
 
 # --- sampling (runs in the Ray task) ----------------------------------------------------------
@@ -254,12 +294,15 @@ def sample_responses(job: SamplingJob) -> Responses:
         model = model.to("cuda")
     responses: Responses = {}
     for sampling in job.poles:
-        formatted = [
-            format_prompt(tokenizer, prompt, sampling.preference_prompt)
-            for prompt in sampling.prompts
-        ]
+        queries = {
+            "a": sampling.preference_prompt,
+            "b": sampling.contrast_prompt or sampling.preference_prompt,
+        }
         samples = []
-        for which in ("a", "b"):
+        for which, preference_prompt in queries.items():
+            formatted = [
+                format_prompt(tokenizer, prompt, preference_prompt) for prompt in sampling.prompts
+            ]
             seed = derive_seed(job.seed, "generate", sampling.pole, which)
             progress = _sampling_progress(sampling.pole, which)
             samples.append(
@@ -306,12 +349,13 @@ def judge_responses(
     judge: PairwiseJudge,
     batch_size: int = MIN_JUDGE_BATCH,
 ) -> list[Label]:
-    """One label per (pole, prompt), in order; pairs with an empty or identical response are
-    ties without asking the judge."""
+    """One label per (judged pole, prompt), in order; pairs with an empty or identical
+    response are ties without asking the judge."""
     return [
         label
         for sampling in poles
-        for label in _judge_pole(judge, sampling, *responses[sampling.pole], batch_size)
+        for pole in sampling.judged_poles
+        for label in _judge_pole(judge, pole, sampling, *responses[sampling.pole], batch_size)
     ]
 
 
@@ -332,12 +376,13 @@ def _skip_reason(a: str, b: str) -> str | None:
 
 def _judge_pole(
     judge: PairwiseJudge,
+    pole: str,
     sampling: PoleSampling,
     responses_a: Sequence[str],
     responses_b: Sequence[str],
     batch_size: int,
 ) -> list[Label]:
-    """Judge one pole's pairs in batches, a progress line per batch."""
+    """Judge ``sampling``'s pairs for ``pole`` in batches, a progress line per batch."""
     triples = list(zip(sampling.prompts, responses_a, responses_b, strict=True))
     skipped = [_skip_reason(a, b) for _, a, b in triples]
     to_judge = [index for index, reason in enumerate(skipped) if reason is None]
@@ -345,10 +390,10 @@ def _judge_pole(
     for start in range(0, len(to_judge), batch_size):
         batch = to_judge[start : start + batch_size]
         pairs = [PairToJudge(*triples[index]) for index in batch]
-        verdicts.update(zip(batch, judge.compare_batch(sampling.pole, pairs), strict=True))
-        log(f"feedback: {sampling.pole}: judged {start + len(batch)}/{len(to_judge)} pairs")
+        verdicts.update(zip(batch, judge.compare_batch(pole, pairs), strict=True))
+        log(f"feedback: {pole}: judged {start + len(batch)}/{len(to_judge)} pairs")
     return [
-        Label(prompt, sampling.pole, a, b, verdicts.get(index, "tie"), skipped[index])
+        Label(prompt, pole, a, b, verdicts.get(index, "tie"), skipped[index])
         for index, (prompt, a, b) in enumerate(triples)
     ]
 
