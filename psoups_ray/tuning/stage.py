@@ -187,11 +187,19 @@ def _pareto(config, rundir, pool, tuned, trial_prompts) -> dict[str, Any]:
         seed = derive_seed(config.seed, "pareto", pair.key)
         requests.append((queries, prompts, spec.generation, seed))
         labels.append(pair_labels)
+    soups_total = sum(len(request[0]) for request in requests)
     log(
-        f"tune: Pareto fronts of {len(pairs)} pole pairs, {spec.pareto_points} weights each, "
-        f"on {len(prompts)} prompts"
+        f"tune: Pareto fronts of {len(pairs)} pole pairs, {spec.pareto_points} weights each "
+        f"(and the soups of the combinations holding both poles): {soups_total} soups on "
+        f"{len(prompts)} prompts"
     )
-    results = pool.map(requests)
+    started = time.monotonic()
+
+    def progress(done: int, total: int) -> None:
+        log(f"tune: Pareto fronts: {done}/{total} pole pairs done "
+            f"({time.monotonic() - started:.0f}s)")  # fmt: skip
+
+    results = pool.map(requests, on_result=progress)
     fronts: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="psoups-pareto-") as workdir:
         for pair, pair_labels, pair_results in zip(pairs, labels, results, strict=True):
