@@ -179,14 +179,14 @@ def _prompt_pool(config: PsoupsConfig) -> list[str]:
     )
 
 
-def held_out_prompts(config: PsoupsConfig) -> list[str]:
+def held_out_prompts(config: PsoupsConfig, pool: Sequence[str]) -> list[str]:
     """``feedback.eval_prompts_file``'s instructions (none when it is not set); an
-    instruction also in ``prompts_file`` is an error (it would not be held out)."""
+    instruction also in the training ``pool`` is an error (it would not be held out)."""
     feedback = config.feedback
     if not feedback.eval_prompts_file:
         return []
     held_out = read_prompts_file(feedback.eval_prompts_file, "feedback.eval_prompts_file")
-    shared = set(held_out) & set(_prompt_pool(config))
+    shared = set(held_out) & set(pool)
     if shared:
         raise PsoupsError(
             f"feedback.eval_prompts_file: {len(shared)} instruction(s) are also in the training "
@@ -214,7 +214,7 @@ def build_sampling_job(config: PsoupsConfig, rundir: RunDir) -> SamplingJob:
     pool = _prompt_pool(config)
     space = config.space
     feedback = config.feedback
-    held_out = held_out_prompts(config)
+    held_out = held_out_prompts(config, pool)
     n_eval = eval_pairs_per_pole(config) if held_out else 0
 
     def prompts_for(pole_id: str) -> tuple[str, ...]:

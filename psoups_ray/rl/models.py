@@ -137,7 +137,7 @@ def read_scores(
     trunk: TrunkCache | None = None,
 ) -> torch.Tensor:
     """Raw reward scores of right-padded texts with the active reward adapter: (B, L) -> (B,)."""
-    if trunk is not None and trunk.enabled:
+    if trunk is not None:  # with the trunk off, a plain forward pass as below
         hidden = trunk.hidden(input_ids, attention_mask, None)
     else:
         hidden = backbone(
