@@ -68,6 +68,18 @@ class ScalingSpec(StrictModel):
     max_failures: int = Field(default=2, ge=-1)
     """Worker failures the run survives by restarting from its last checkpoint (-1: no limit)."""
 
+    @model_validator(mode="after")
+    def _one_gpu_per_nccl_rank(self) -> ScalingSpec:
+        # Ray may pack fractional GPU workers of one run onto one device, and NCCL refuses
+        # two ranks of a group on the same GPU at the first collective.
+        if self.use_gpu and self.num_workers > 1 and self.gpus_per_worker < 1:
+            raise ValueError(
+                f"{self.num_workers} workers with gpus_per_worker {self.gpus_per_worker:g} "
+                "could share a GPU, which NCCL does not allow; with several workers give "
+                "each a whole GPU (gpus_per_worker: 1), or use num_workers: 1 to share one"
+            )
+        return self
+
 
 class TinyModelSpec(StrictModel):
     """Shape of the built-in tiny Llama-style model (used when ``base.model`` is ``tiny``)."""

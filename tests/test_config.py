@@ -82,6 +82,20 @@ def test_cross_field_checks():
         load_config(None, ["base.num_sample_prompts=200"])
     with pytest.raises(ConfigError, match="both belong to dimension 'P1'"):
         load_config(None, ["preferences.combinations=[P1A+P1B]"])
+    with pytest.raises(ConfigError, match="could share a GPU, which NCCL does not allow"):
+        load_config(
+            None,
+            [
+                "policies.resources.use_gpu=true",
+                "policies.resources.num_workers=2",
+                "policies.resources.gpus_per_worker=0.5",
+            ],
+        )
+    # One worker may take a fraction (runs of several poles share a GPU), and so may
+    # several workers on the CPU.
+    one = ["rewards.resources.use_gpu=true", "rewards.resources.gpus_per_worker=0.125"]
+    assert load_config(None, one).rewards.resources.gpus_per_worker == 0.125
+    load_config(None, ["rewards.resources.num_workers=2", "rewards.resources.gpus_per_worker=0.5"])
 
 
 def test_config_file_errors(tmp_path):

@@ -63,6 +63,16 @@ def test_simplex_grid_enumerates_every_point_once():
     assert len(simplex_grid(3, 10)) == 66
 
 
+def test_evaluators_that_fit_the_cluster():
+    from psoups_ray.soup.evaluator import evaluators_that_fit
+
+    assert evaluators_that_fit(1.0, 0.0, {"CPU": 2.0}) == 2
+    assert evaluators_that_fit(2.0, 0.25, {"CPU": 16.0, "GPU": 1.0}) == 4
+    assert evaluators_that_fit(1.0, 0.3, {"CPU": 16.0, "GPU": 1.0}) == 3
+    assert evaluators_that_fit(1.0, 1.0, {"CPU": 16.0}) == 0  # no GPU yet (autoscaler)
+    assert evaluators_that_fit(0.5, 0.0, {"CPU": 1.5}) == 3
+
+
 def test_pareto_pairs_cross_dimensions():
     space = PreferenceSpace.default()
     pairs = pareto_pairs(space)
@@ -224,8 +234,13 @@ def test_an_interrupted_stage_resumes_and_grid_search_walks_the_simplex(tune_run
         "tune.combinations=[P2A+P3B]",
         "tune.pareto=false",
         "tune.num_report_prompts=0",
+        # more evaluators than the 2-CPU cluster holds: the stage starts the 2 that fit
+        # instead of waiting for the others forever
+        "tune.max_concurrent_trials=5",
+        "tune.resources.cpus=1",
     )
     manifest = run_pipeline(grid, str(out), ["tune"], force=True, run_prerequisites=False)
+    assert len(manifest.data["tune"]["evaluators"]) == 2
     rows = _trials(out, "P2A+P3B")
     assert sorted(row["weight_P2A"] for row in rows) == pytest.approx([0, 0.25, 0.5, 0.75, 1])
     assert all(math.isclose(row["weight_P2A"] + row["weight_P3B"], 1.0) for row in rows)

@@ -291,6 +291,7 @@ def sample_responses(job: SamplingJob) -> Responses:
         local_reference(job.model_path), job.dtype, job.revision, job.trust_remote_code
     )
     if job.use_gpu and torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 for float32 weights
         model = model.to("cuda")
     responses: Responses = {}
     for sampling in job.poles:

@@ -408,6 +408,14 @@ class EvaluatorPool:
             ray.kill(actor)
 
 
+def evaluators_that_fit(cpus: float, gpus: float, total: dict[str, float]) -> int:
+    """How many actors of ``cpus`` CPU / ``gpus`` GPU the cluster's ``total`` resources hold."""
+    fits = [total.get("CPU", 0.0) / cpus]
+    if gpus > 0:
+        fits.append(total.get("GPU", 0.0) / gpus)
+    return int(min(fits) + 1e-9)
+
+
 def start_evaluators(
     models: SoupModels, count: int, cpus: float, gpus: float, stage: str
 ) -> EvaluatorPool:
@@ -415,12 +423,21 @@ def start_evaluators(
     import ray
 
     total = ray.cluster_resources()
-    if cpus > total.get("CPU", 0) or gpus > total.get("GPU", 0):
+    fit = evaluators_that_fit(cpus, gpus, total)
+    if fit == 0:
         log(
             f"{stage}: warning: an evaluator needs {cpus:g} CPU / {gpus:g} GPU but the "
             f"cluster has {total.get('CPU', 0):g} / {total.get('GPU', 0):g}; it waits for an "
             f"autoscaler (or lower {stage}.resources)"
         )
+    elif fit < count:
+        # The others would wait for resources that never come, and with them this call.
+        log(
+            f"{stage}: {count} evaluators of {cpus:g} CPU / {gpus:g} GPU asked for, but the "
+            f"cluster holds {fit} ({total.get('CPU', 0):g} CPU / {total.get('GPU', 0):g} GPU); "
+            f"starting {fit}"
+        )
+        count = fit
     actor_class = evaluator_actor_class(cpus, gpus)
     actors = [actor_class.remote(models) for _ in range(count)]
     log(
