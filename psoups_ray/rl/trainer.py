@@ -390,8 +390,8 @@ class PPOTrainer:
                     vf_loss, self.critic_optimizer, self.models.critic_parameters()
                 )
                 batch_stats = {
-                    "policy_loss": float(pg_loss),
-                    "value_loss": float(vf_loss),
+                    "policy_loss": float(pg_loss.detach()),
+                    "value_loss": float(vf_loss.detach()),
                     "clip_fraction": float(pg_stats["clip_fraction"]),
                     "approx_kl": float(pg_stats["approx_kl"]),
                     "value_clip_fraction": float(vf_stats["value_clip_fraction"]),
