@@ -86,13 +86,11 @@ class SeparateCopiesPPOModels:
             self.value_head.parameters()
         )
 
-    def generate(self, input_ids, attention_mask, reference=False, **kwargs):
-        import torch
+    def generate(self, input_ids, attention_mask, reference=False, merged=False, **sampling):
+        from psoups_ray.generation import sample_tokens
 
-        model = self.reference if reference else self.policy
-        with torch.no_grad():
-            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        return output[:, input_ids.shape[1] :]
+        model = self.reference if reference else self.policy.get_base_model()
+        return sample_tokens(model, input_ids, attention_mask, **sampling)
 
     def _logprobs(self, model, input_ids, attention_mask, query_length, temperature):
         from psoups_ray.rl.ppo_math import entropy_from_logits, gather_logprobs
@@ -213,7 +211,9 @@ def run_layout(layout: str, args) -> dict:
         rollout_batch_size=args.batch,
         minibatch_size=args.batch // 2,
         ppo_epochs=2,
-        generation={"max_new_tokens": args.new_tokens},
+        # unmerged sampling in both layouts: merging holds a copy of the adapted weights,
+        # which this benchmark of the layouts' memory should not count
+        generation={"max_new_tokens": args.new_tokens, "merged": False},
     )
     reward_fn = make_reward_fn(models, tokenizer, {"P": adapter}, {}, 512, args.batch // 2, device)
     trainer = PPOTrainer(models, tokenizer, spec, reward_fn, device=device)

@@ -1,14 +1,124 @@
-"""Batched sampling from a causal LM, shared by every stage that generates text."""
+"""Batched sampling from a causal LM, shared by every stage that generates text.
+
+:func:`sample_tokens` is the decoding loop: a KV cache, temperature, top-k and nucleus
+sampling, each row stopping at its EOS. It draws from torch's global generator exactly as
+``transformers``' ``generate(do_sample=True)`` does with those settings (same processors,
+same order, one ``multinomial`` per step), so a seed gives the same tokens, but without
+``generate``'s per-step machinery: on a small model that machinery, not the model, was
+most of a decoding step (``bench/generation.py``). Settings a model's own generation
+config may carry beyond these (repetition penalty and the like) are not applied: PPO's
+log-probabilities assume the plain tempered distribution.
+"""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from psoups_ray.config import GenerationSpec
 from psoups_ray.prompting import adds_special_tokens
+
+DEFAULT_TOP_K = 50  # transformers' default when a model's generation config sets none
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The KV cache's keyword in ``model.forward``: ``cache`` in transformers >= 5.x's
+    current models, ``past_key_values`` in older and remote-code ones."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def default_top_k(model: nn.Module) -> int:
+    """The top-k cut ``generate`` would apply to ``model`` (its generation config's, else
+    transformers' default of 50)."""
+    config = getattr(model, "generation_config", None)
+    top_k = getattr(config, "top_k", None)
+    return DEFAULT_TOP_K if top_k is None else int(top_k)
+
+
+def sampling_probabilities(
+    logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
+    """Next-token distribution after temperature, then top-k, then nucleus (top-p)
+    filtering, as transformers' warpers compute it: (B, V) float logits -> (B, V)."""
+    scores = logits / temperature
+    if 0 < top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k)[0][..., -1, None]  # (B, 1)
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+    if top_p < 1.0:
+        ascending, order = torch.sort(scores, descending=False)
+        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= (1 - top_p)
+        drop[..., -1:] = False  # the most likely token always stays
+        scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
+    return scores.softmax(dim=-1)
+
+
+@torch.no_grad()
+def sample_tokens(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    eos_token_id: int | Sequence[int] | None,
+    pad_token_id: int | None,
+) -> torch.Tensor:
+    """Sample continuations of left-padded prompts: (B, L) -> new tokens (B, T).
+
+    T <= ``max_new_tokens``: decoding stops when every row has emitted an EOS; a finished
+    row continues with ``pad_token_id`` (EOS when there is none). ``top_k=0`` and
+    ``top_p=1`` sample the full tempered distribution. Uses torch's global generator.
+    """
+    if eos_token_id is None:
+        eos = []
+    else:
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    eos_ids = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
+    cache_kwarg = cache_argument(model)
+    keeps_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+    batch = input_ids.shape[0]
+    mask = torch.cat(
+        [attention_mask, attention_mask.new_ones(batch, max_new_tokens)], dim=1
+    )  # (B, L + max_new_tokens): sliced as decoding proceeds
+    positions = (attention_mask.long().cumsum(dim=-1) - 1).masked_fill(attention_mask == 0, 0)
+    unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
+    cache = None  # the model's own (dynamic) KV cache, grown in place after the first call
+    inputs = input_ids
+    chosen: list[torch.Tensor] = []
+    for step in range(max_new_tokens):
+        length = input_ids.shape[1] + step
+        output = model(
+            input_ids=inputs,
+            attention_mask=mask[:, :length],
+            position_ids=positions,
+            use_cache=True,
+            **({cache_kwarg: cache} if cache is not None else {}),
+            **({"logits_to_keep": 1} if keeps_last else {}),
+        )
+        if cache is None:
+            cache = getattr(output, "cache", None)
+            cache = cache if cache is not None else output.past_key_values
+        logits = output.logits[:, -1, :].to(dtype=torch.float32)  # (B, V)
+        probs = sampling_probabilities(logits, temperature, top_k, top_p)
+        tokens = torch.multinomial(probs, num_samples=1).squeeze(1)  # (B,)
+        tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad))
+        chosen.append(tokens)
+        if eos:
+            unfinished &= ~torch.isin(tokens, eos_ids)
+            if not bool(unfinished.any()):
+                break
+        inputs = tokens.unsqueeze(1)  # (B, 1)
+        positions = positions[:, -1:] + 1
+    return torch.stack(chosen, dim=1)  # (B, T)
 
 
 @torch.no_grad()
@@ -22,6 +132,7 @@ def generate(
 ) -> list[str]:
     """Sample one response per (already formatted) prompt; returns the decoded responses.
 
+    Sampling: ``spec``'s temperature and top-p, and the model's top-k (:func:`default_top_k`).
     ``on_batch(done, total)`` is called after each batch, for progress display.
     """
     was_training = model.training
@@ -31,6 +142,7 @@ def generate(
     device = next(model.parameters()).device
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
+    top_k = default_top_k(model)
     responses: list[str] = []
     try:
         for start in range(0, len(prompts), spec.batch_size):
@@ -41,16 +153,17 @@ def generate(
                 padding=True,
                 add_special_tokens=adds_special_tokens(tokenizer),
             ).to(device)
-            output = model.generate(
-                **encoded,
-                do_sample=True,
+            new_tokens = sample_tokens(
+                model,
+                encoded["input_ids"],
+                encoded["attention_mask"],
+                max_new_tokens=spec.max_new_tokens,
                 temperature=spec.temperature,
                 top_p=spec.top_p,
-                max_new_tokens=spec.max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
+                top_k=top_k,
                 eos_token_id=tokenizer.eos_token_id,
-            )  # (batch, prompt_len + new_tokens)
-            new_tokens = output[:, encoded["input_ids"].shape[1] :]
+                pad_token_id=tokenizer.pad_token_id,
+            )  # (batch, new_tokens)
             responses.extend(
                 text.strip()
                 for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

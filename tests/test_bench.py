@@ -25,6 +25,18 @@ def test_ppo_memory_benchmark_compares_both_layouts():
     assert ratios["memory"] > 0 and ratios["time"] > 0
 
 
+def test_generation_benchmark_compares_the_three_decoders():
+    result = subprocess.run(
+        [sys.executable, "bench/generation.py", "--smoke-test"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert all(f"{name}: " in result.stdout for name in ("hf", "loop", "merged"))
+    ratios = json.loads(result.stdout.split("RATIOS ", 1)[1].splitlines()[0])
+    assert ratios["loop"] > 0 and ratios["merged"] > 0
+    assert ratios["loop_equals_hf"] is True and ratios["restored"] is True
+
+
 def test_tune_efficiency_benchmark_runs_both_searches(policy_run):
     out, _ = policy_run
     result = subprocess.run(

@@ -123,3 +123,33 @@ def test_new_batches_miss_and_old_ones_are_evicted(tmp_path):
     assert not torch.allclose(  # different content is never served from the cache
         models.reward_scores("P1A", ids, mask), models.reward_scores("P1A", shifted, mask)
     )
+
+
+def test_trimming_shared_padding_changes_no_number(tmp_path):
+    """PPO's forward passes drop the columns that are padding in every row of a minibatch
+    (the left padding all queries share, the positions after the longest response)."""
+    from psoups_ray.rl.trainer import trim_padding
+
+    models = build(tmp_path, None)
+    torch.manual_seed(3)
+    query_length, width = 6, 7
+    ids = torch.randint(2, 64, (3, query_length + width))
+    attention = torch.ones_like(ids)
+    attention[:, :2] = 0  # every query is left-padded by at least 2
+    attention[1, :4] = 0
+    response = torch.zeros(3, width, dtype=torch.long)
+    for row, length in enumerate((3, 5, 1)):  # the longest response is 5 tokens
+        response[row, :length] = 1
+    attention[:, query_length:] = response
+    ids = ids.masked_fill(attention == 0, 0)
+
+    trimmed_ids, trimmed_attention, trimmed_query, kept = trim_padding(
+        ids, attention, response, query_length
+    )
+    assert (trimmed_query, kept) == (4, 5)
+    assert trimmed_ids.shape == (3, 4 + 5)
+    full = everything(models, ids, attention, query_length)
+    cut = everything(models, trimmed_ids, trimmed_attention, trimmed_query)
+    live = response[:, :kept].bool()
+    for key in ("logprobs", "entropy", "reference", "values"):
+        torch.testing.assert_close(cut[key][live], full[key][:, :kept][live], rtol=1e-5, atol=1e-5)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -362,16 +362,53 @@ class SharedBasePPOModels(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         reference: bool = False,
-        **kwargs,
+        merged: bool = False,
+        **sampling,
     ) -> torch.Tensor:
-        """Sample from the policy (or the reference); returns the new tokens only: (B, T)."""
+        """Sample from the policy (or the reference); returns the new tokens only: (B, T).
+
+        ``sampling``: :func:`psoups_ray.generation.sample_tokens`'s settings. ``merged``:
+        decode with the policy adapter merged into the base weights (the same function,
+        without the adapter's per-layer overhead; see :meth:`policy_merged`).
+        """
+        from psoups_ray.generation import sample_tokens
+
         self._activate(POLICY)
-        context = self.peft.disable_adapter() if reference else contextlib.nullcontext()
+        if reference:
+            context = self.peft.disable_adapter()
+        elif merged:
+            context = self.policy_merged()
+        else:
+            context = contextlib.nullcontext()
         with context:
-            output = self.peft.generate(
-                input_ids=input_ids, attention_mask=attention_mask, **kwargs
-            )  # (B, L + T)
-        return output[:, input_ids.shape[1] :]
+            return sample_tokens(self.peft.get_base_model(), input_ids, attention_mask, **sampling)
+
+    @contextlib.contextmanager
+    def policy_merged(self) -> Iterator[None]:
+        """The policy adapter merged into the base weights for the duration.
+
+        Afterwards the base weights are restored bit for bit from a copy (PEFT's unmerge
+        subtracts the update again, which rounds): the reference and the reward models
+        must stay exactly the base. The copy costs the adapted layers' base weights.
+        """
+        from peft.tuners.lora import LoraLayer
+
+        layers = [
+            module
+            for module in self.peft.modules()
+            if isinstance(module, LoraLayer) and POLICY in module.lora_A
+        ]
+        saved = [layer.get_base_layer().weight.detach().clone() for layer in layers]
+        try:
+            for layer in layers:
+                layer.merge(adapter_names=[POLICY])
+            yield
+        finally:
+            with torch.no_grad():
+                for layer, weight in zip(layers, saved, strict=True):
+                    if layer.merged:
+                        layer.unmerge()
+                    layer.get_base_layer().weight.copy_(weight)
 
     def _response_logits(self, input_ids, attention_mask, query_length, temperature):
         hidden = self.trunk.hidden(input_ids, attention_mask, position_ids_for(attention_mask))

@@ -9,7 +9,9 @@ whitening and the KL controller use every worker's data.
 
 The models come from :class:`psoups_ray.rl.models.SharedBasePPOModels` (or anything with
 the same methods); the reward of a response is a callable, so one trainer serves a pole's
-policy, P-MORL and the single-reward baseline.
+policy, P-MORL and the single-reward baseline. Rollouts are sampled with the policy's
+LoRA merged into the base (``policies.generation.merged``), and every forward pass drops
+the columns that are padding in every row of its minibatch (:func:`trim_padding`).
 """
 
 from __future__ import annotations
@@ -109,6 +111,25 @@ def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
     return {k: float(v) / world_size for k, v in zip(keys, tensor.tolist(), strict=True)}
 
 
+def trim_padding(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor, query_length: int
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Drop the columns that are padding in every row of a (mini)batch.
+
+    ``input_ids``/``attention_mask`` (B, Q + T) are queries then responses, ``mask`` (B, T)
+    the response tokens. Drops the left padding every query shares and the positions after
+    the longest response; returns ``(input_ids, attention_mask)`` (B, Q' + T'), Q' and T'
+    (per-token tensors keep their first T' columns). No row attended to a dropped column
+    and positions count attended tokens only, so the kept positions' outputs are unchanged.
+    """
+    used = attention_mask[:, :query_length].bool().any(dim=0)  # (Q,)
+    first = int(used.int().argmax())  # the first column some query uses
+    has_token = mask.bool().any(dim=0)  # (T,)
+    kept = int(has_token.nonzero().max()) + 1 if bool(has_token.any()) else 1
+    end = query_length + kept
+    return input_ids[:, first:end], attention_mask[:, first:end], query_length - first, kept
+
+
 class PPOTrainer:
     """PPO on :class:`SharedBasePPOModels` with the settings of ``spec``.
 
@@ -197,7 +218,7 @@ class PPOTrainer:
                 encoded["input_ids"],
                 encoded["attention_mask"],
                 reference=reference,
-                do_sample=True,
+                merged=self.spec.generation.merged,
                 temperature=temperature,
                 top_p=top_p,
                 top_k=0,  # sample the full distribution: the logprobs PPO uses
@@ -233,13 +254,22 @@ class PPOTrainer:
         return random.Random(derive_seed(self.seed, "length", step)).randint(low, high)
 
     # -- rollout -------------------------------------------------------------------
-    def _forward_in_chunks(self, function, *tensors, chunk: int):
-        outputs = [
-            function(*(t[i : i + chunk] for t in tensors)) for i in range(0, len(tensors[0]), chunk)
-        ]
-        if isinstance(outputs[0], tuple):
-            return tuple(torch.cat(parts) for parts in zip(*outputs, strict=True))
-        return torch.cat(outputs)
+    def _per_token_in_chunks(self, function, input_ids, attention_mask, mask, query_length):
+        """``function(ids, attention_mask, query_length)`` -> per-token tensor(s) (b, T'),
+        on chunks of ``minibatch_size`` rows trimmed of their padding (:func:`trim_padding`);
+        returned as (B, T), zero past each chunk's T'."""
+        width = mask.shape[1]
+        outputs = []
+        for start in range(0, len(input_ids), self.spec.minibatch_size):
+            rows = slice(start, start + self.spec.minibatch_size)
+            ids, am, q, kept = trim_padding(
+                input_ids[rows], attention_mask[rows], mask[rows], query_length
+            )
+            output = function(ids, am, q)
+            parts = output if isinstance(output, tuple) else (output,)
+            outputs.append(tuple(torch.nn.functional.pad(t, (0, width - kept)) for t in parts))
+        joined = tuple(torch.cat(parts) for parts in zip(*outputs, strict=True))
+        return joined if isinstance(output, tuple) else joined[0]
 
     @torch.no_grad()
     def rollout(self, queries: Sequence[Query], step: int, rank: int = 0) -> Rollout:
@@ -258,29 +288,21 @@ class PPOTrainer:
         has_eos = mask.sum(dim=1) < responses.shape[1]  # EOS before the last position, or
         has_eos |= responses[:, -1] == self.tokenizer.eos_token_id  # at it: (B,)
 
-        chunk = spec.minibatch_size
         with self._autocast():
-            logprobs, entropy = self._forward_in_chunks(
-                lambda ids, am: self.models.policy_logprobs(
-                    ids, am, query_length, generation.temperature, with_entropy=True
+            logprobs, entropy = self._per_token_in_chunks(
+                lambda ids, am, q: self.models.policy_logprobs(
+                    ids, am, q, generation.temperature, with_entropy=True
                 ),
-                input_ids,
-                attention_mask,
-                chunk=chunk,
-            )
-            ref_logprobs = self._forward_in_chunks(
-                lambda ids, am: self.models.reference_logprobs(
-                    ids, am, query_length, generation.temperature
+                input_ids, attention_mask, mask, query_length,
+            )  # fmt: skip
+            ref_logprobs = self._per_token_in_chunks(
+                lambda ids, am, q: self.models.reference_logprobs(
+                    ids, am, q, generation.temperature
                 ),
-                input_ids,
-                attention_mask,
-                chunk=chunk,
-            )
-            values = self._forward_in_chunks(
-                lambda ids, am: self.models.values(ids, am, query_length),
-                input_ids,
-                attention_mask,
-                chunk=chunk,
+                input_ids, attention_mask, mask, query_length,
+            )  # fmt: skip
+            values = self._per_token_in_chunks(
+                self.models.values, input_ids, attention_mask, mask, query_length
             )
         raw_scores = self.reward_fn(queries, texts).to(self.device).float()  # (B,)
 
@@ -351,23 +373,31 @@ class PPOTrainer:
             order = torch.randperm(len(rollout), generator=generator)
             for start in range(0, len(rollout), spec.minibatch_size):
                 index = order[start : start + spec.minibatch_size].to(self.device)
-                ids, am, mask = (
+                ids, am, query_length, kept = trim_padding(
                     rollout.input_ids[index],
                     rollout.attention_mask[index],
                     rollout.mask[index],
+                    rollout.query_length,
                 )
+                mask, old_logprobs, advantages, old_values, returns = (
+                    tensor[index, :kept]  # (b, T')
+                    for tensor in (
+                        rollout.mask, rollout.logprobs, rollout.advantages, rollout.values,
+                        rollout.returns,
+                    )
+                )  # fmt: skip
                 with self._autocast():
                     logprobs, entropy = self.models.policy_logprobs(
                         ids,
                         am,
-                        rollout.query_length,
+                        query_length,
                         spec.generation.temperature,
                         with_entropy=spec.entropy_coef > 0,
                     )
                     pg_loss, pg_stats = policy_loss(
                         logprobs,
-                        rollout.logprobs[index],
-                        rollout.advantages[index],
+                        old_logprobs,
+                        advantages,
                         mask,
                         spec.clip_range,
                     )
@@ -378,11 +408,11 @@ class PPOTrainer:
                     loss, self.actor_optimizer, self.models.policy_parameters()
                 )
                 with self._autocast():
-                    values = self.models.values(ids, am, rollout.query_length)
+                    values = self.models.values(ids, am, query_length)
                     vf_loss, vf_stats = value_loss(
                         values,
-                        rollout.values[index],
-                        rollout.returns[index],
+                        old_values,
+                        returns,
                         mask,
                         spec.value_clip_range,
                     )

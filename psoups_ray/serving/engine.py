@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import math
 import random
 from collections.abc import Iterator, Sequence
@@ -194,6 +193,7 @@ class SoupEngine:
         self, run: str, device: str = "auto", dtype: str | None = None, strategy: str = "mixing"
     ):
         from psoups_ray.base.model import load_causal_lm, load_tokenizer
+        from psoups_ray.generation import cache_argument
         from psoups_ray.soup.adapters import read_lora_adapter
         from psoups_ray.soup.mixing import attach_mixing
 
@@ -219,10 +219,7 @@ class SoupEngine:
         self.mixer = attach_mixing(self.model, self.adapters) if strategy == "mixing" else None
         self.model.to(self.device).eval()
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 4096))
-        # transformers 5 names the KV cache argument ``cache``; older and remote-code
-        # models still take ``past_key_values``.
-        parameters = inspect.signature(self.model.forward).parameters
-        self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
+        self._cache_arg = cache_argument(self.model)
 
     @property
     def poles(self) -> list[str]:
