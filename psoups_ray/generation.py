@@ -20,6 +20,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from psoups_ray.config import GenerationSpec
+from psoups_ray.progress import log
 from psoups_ray.prompting import adds_special_tokens
 
 DEFAULT_TOP_K = 50  # transformers' default when a model's generation config sets none
@@ -38,6 +39,41 @@ def default_top_k(model: nn.Module) -> int:
     config = getattr(model, "generation_config", None)
     top_k = getattr(config, "top_k", None)
     return DEFAULT_TOP_K if top_k is None else int(top_k)
+
+
+# Logits processors ``generate`` would take from a model's generation config, with the value
+# at which each does nothing. sample_tokens applies none of them.
+_NEUTRAL_SETTINGS: dict[str, tuple[object, ...]] = {
+    "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "min_p": (None, 0.0),
+    "typical_p": (None, 1.0),
+    "epsilon_cutoff": (None, 0.0),
+    "eta_cutoff": (None, 0.0),
+    "bad_words_ids": (None, []),
+    "suppress_tokens": (None, []),
+    "begin_suppress_tokens": (None, []),
+    "sequence_bias": (None, {}),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+}
+
+
+def ignored_generation_settings(model: nn.Module) -> dict[str, object]:
+    """Settings of ``model``'s generation config that ``generate`` would apply and
+    :func:`sample_tokens` does not (e.g. a repetition penalty), by name."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return {}
+    ignored = {}
+    for name, neutral in _NEUTRAL_SETTINGS.items():
+        value = getattr(config, name, None)
+        if not any(value == candidate for candidate in neutral):
+            ignored[name] = value
+    return ignored
 
 
 def sampling_probabilities(
@@ -143,6 +179,14 @@ def generate(
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     top_k = default_top_k(model)
+    ignored = ignored_generation_settings(model)
+    if ignored:
+        _warn_once(
+            "the model's generation config sets "
+            + ", ".join(f"{name}={value!r}" for name, value in sorted(ignored.items()))
+            + "; psoups samples with temperature, top-k and top-p only (PPO's log-"
+            "probabilities assume that distribution), so these are not applied"
+        )
     responses: list[str] = []
     try:
         for start in range(0, len(prompts), spec.batch_size):
@@ -175,3 +219,12 @@ def generate(
         torch.random.set_rng_state(generator_state)
         model.train(was_training)
     return responses
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log(f"warning: {message}")

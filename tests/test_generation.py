@@ -178,3 +178,34 @@ def test_ppo_models_sample_policy_and_reference():
     )  # adapters on: the policy
     assert torch.equal(plain_base, samples["policy"])
     assert not torch.equal(samples["policy"], samples["reference"])
+
+
+def test_generation_settings_the_loop_does_not_apply_are_named_once(capsys):
+    from psoups_ray.base.tokenizer import train_bpe_tokenizer
+    from psoups_ray.config import GenerationSpec
+    from psoups_ray.generation import generate, ignored_generation_settings
+
+    tokenizer = train_bpe_tokenizer(["a calm sea", "a dog on a long road"] * 20, 300)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )  # fmt: skip
+    ).eval()
+    assert ignored_generation_settings(model) == {}
+    model.generation_config.repetition_penalty = 1.3
+    model.generation_config.no_repeat_ngram_size = 0  # neutral: not reported
+    assert ignored_generation_settings(model) == {"repetition_penalty": 1.3}
+
+    spec = GenerationSpec(max_new_tokens=3, batch_size=2)
+    for _ in range(2):
+        assert len(generate(model, tokenizer, ["a sea", "a dog", "a road"], spec)) == 3
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "repetition_penalty=1.3" in line]
+    assert len(warnings) == 1 and "not applied" in warnings[0]
