@@ -33,6 +33,13 @@ def cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
+def returned_cache(output):
+    """The KV cache a forward pass with ``use_cache=True`` returned (``output.cache`` in
+    transformers >= 5.x's current models, ``past_key_values`` in older ones)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 def default_top_k(model: nn.Module) -> int:
     """The top-k cut ``generate`` would apply to ``model`` (its generation config's, else
     transformers' default of 50)."""
@@ -113,6 +120,8 @@ def sample_tokens(
     row continues with ``pad_token_id`` (EOS when there is none). ``top_k=0`` and
     ``top_p=1`` sample the full tempered distribution. Uses torch's global generator.
     """
+    from psoups_ray.rl.models import position_ids_for
+
     if eos_token_id is None:
         eos = []
     else:
@@ -125,7 +134,7 @@ def sample_tokens(
     mask = torch.cat(
         [attention_mask, attention_mask.new_ones(batch, max_new_tokens)], dim=1
     )  # (B, L + max_new_tokens): sliced as decoding proceeds
-    positions = (attention_mask.long().cumsum(dim=-1) - 1).masked_fill(attention_mask == 0, 0)
+    positions = position_ids_for(attention_mask)  # (B, L)
     unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
     cache = None  # the model's own (dynamic) KV cache, grown in place after the first call
     inputs = input_ids
@@ -141,8 +150,7 @@ def sample_tokens(
             **({"logits_to_keep": 1} if keeps_last else {}),
         )
         if cache is None:
-            cache = getattr(output, "cache", None)
-            cache = cache if cache is not None else output.past_key_values
+            cache = returned_cache(output)
         logits = output.logits[:, -1, :].to(dtype=torch.float32)  # (B, V)
         probs = sampling_probabilities(logits, temperature, top_k, top_p)
         tokens = torch.multinomial(probs, num_samples=1).squeeze(1)  # (B,)

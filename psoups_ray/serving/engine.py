@@ -246,6 +246,7 @@ class SoupEngine:
         every job has finished (a finished job's later outputs are empty and finished).
 
         ``model``: decode with this (merged) model instead, ignoring the jobs' weights."""
+        from psoups_ray.generation import returned_cache
         from psoups_ray.prompting import adds_special_tokens
         from psoups_ray.rl.models import position_ids_for
 
@@ -302,7 +303,7 @@ class SoupEngine:
                     return
                 attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
                 positions = positions[:, -1:] + 1
-                cache = getattr(output, "cache", None) or output.past_key_values
+                cache = returned_cache(output)
                 output = model(
                     input_ids=next_ids.unsqueeze(1), attention_mask=attention,
                     position_ids=positions, use_cache=True, **{self._cache_arg: cache},
