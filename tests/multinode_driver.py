@@ -39,6 +39,8 @@ def main(run_dir: str) -> None:
         config = policy_test_config(
             f"ray.address={cluster.address}",
             "rewards.resources.cpus_per_worker=1",
+            "rewards.steps=4",  # placement is the point here, not the models
+            "rewards.checkpoint_every=2",
         )
         manifest = run_pipeline(config, run_dir, ["rewards"], force=True)
         nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]

@@ -24,25 +24,26 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 
 
-def test_the_whole_pipeline_as_a_job_on_a_ray_start_cluster(tmp_path):
+def test_the_pipeline_job_on_a_ray_start_cluster_trains_tunes_evaluates_and_reports(
+    policy_run, tmp_path
+):
+    """`ray job submit` of jobs/pipeline.py with a reduced tiny config (two dimensions, smoke
+    sizes, no baselines). To keep CI short the job resumes a copy of the session's smoke run:
+    base, feedback and rewards are complete and skipped; the job retrains the policies (Ray
+    Train), then tunes (Ray Tune), evaluates and reports, all on the cluster it was sent to."""
     from conftest import policy_test_config
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    # A reduced tiny config: two dimensions, smoke-sized stages, no baselines.
-    space = policy_test_config().preferences.model_dump(mode="json")
-    config_file = tmp_path / "reduced.yaml"
-    config_file.write_text(
-        yaml.safe_dump(
-            {
-                "name": "reduced",
-                "preferences": space,
-                "feedback": {"pairs_per_pole": 60},
-                "policies": {"baselines": []},
-                "evaluate": {"systems": ["base", "base+prompt", "psoups-uniform", "psoups-tuned"]},
-            }
-        )
-    )
+    source, _ = policy_run
     out = tmp_path / "run"
+    shutil.copytree(source, out)
+    reduced = policy_test_config(
+        "name=reduced",
+        "policies.baselines=[]",
+        "evaluate.systems=[base,base+prompt,psoups-uniform,psoups-tuned]",
+    )
+    config_file = tmp_path / "reduced.yaml"
+    config_file.write_text(yaml.safe_dump(reduced.model_dump(mode="json")))  # smoke sizes in it
     with RayStartCluster(num_cpus=2) as cluster:
         command = [
             RAY_CLI, "job", "submit", "--address", cluster.dashboard_url,
@@ -50,20 +51,26 @@ def test_the_whole_pipeline_as_a_job_on_a_ray_start_cluster(tmp_path):
             "--working-dir", str(REPO),
             "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
             "--", sys.executable, "jobs/pipeline.py", "--config", str(config_file),
-            "--smoke-test", "--out", str(out),
+            "--out", str(out), "--stages", "policies,report", "--force",
         ]  # fmt: skip
         result = subprocess.run(command, cwd=REPO, env=_clean_env(), capture_output=True,
-                                text=True, timeout=1200)  # fmt: skip
+                                text=True, timeout=900)  # fmt: skip
         logs = result.stdout + result.stderr
         status = JobSubmissionClient(cluster.dashboard_url).get_job_status("psoups-pipeline-test")
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
     assert result.returncode == 0
     assert "connecting to Ray cluster" in logs
+    assert "stages: policies -> tune -> evaluate -> report" in logs, logs[-4000:]
     manifest = json.loads((out / "manifest.json").read_text())
+    before = json.loads((source / "manifest.json").read_text())
+    for stage in ("base", "feedback", "rewards"):  # complete in the copy: left alone
+        assert manifest["stages"][stage] == before["stages"][stage]
     stages = ["base", "feedback", "rewards", "policies", "tune", "evaluate", "report"]
     assert {name: manifest["stages"][name]["status"] for name in stages} == dict.fromkeys(
         stages, "complete"
     )
+    assert sorted(manifest["policies"]) == ["P2A", "P2B", "P3A", "P3B"]
+    assert manifest["baselines"] == {}  # retrained by the job, with its config
     assert sorted(manifest["tuned_weights"]) == ["P2A+P3A", "P2A+P3B", "P2B+P3A", "P2B+P3B"]
     assert (out / "report.md").read_text().startswith("# P-Soups report: reduced")
     assert manifest["evaluation"]["systems"] == ["base", "base+prompt", "psoups-uniform",

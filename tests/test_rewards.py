@@ -13,11 +13,13 @@ import time
 
 import pytest
 import torch
+import yaml
 from faults import ManifestWatcher, checkpoint_steps, train_workers_of
 
 from psoups_ray.config import SMOKE_TEST_OVERRIDES, load_config
 from psoups_ray.manifest import Manifest
 from psoups_ray.pipeline import run_pipeline
+from psoups_ray.preferences import PreferenceSpaceSpec
 from psoups_ray.ray_utils import TorchRun, fit_torch_runs
 from psoups_ray.rewards import RewardScorer
 from psoups_ray.rewards.stage import reward_jobs
@@ -27,15 +29,21 @@ from psoups_ray.world import TinyWorld, check_attributes, exhibited_poles
 
 pytestmark = pytest.mark.integration
 
-POLES = ["P1A", "P1B", "P2A", "P2B", "P3A", "P3B"]
+# Two of the three dimensions keep the module short (P2's reward models are trained by the
+# session's policy run, see conftest.py).
+DIMENSIONS = ("P1", "P3")
+POLES = ["P1A", "P1B", "P3A", "P3B"]
 
 
 def _config(*overrides: str):
     # 200 pairs per pole leave 20 held out, enough to read an accuracy off.
-    return load_config(
+    config = load_config(
         None,
         [*SMOKE_TEST_OVERRIDES, "feedback.pairs_per_pole=200", "rewards.steps=30", *overrides],
     )
+    dimensions = [d for d in config.preferences.dimensions if d.id in DIMENSIONS]
+    config.preferences = PreferenceSpaceSpec(dimensions=dimensions)
+    return config
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +89,7 @@ def test_every_pole_gets_an_accurate_reward_model(rewarded_run):
     assert all(counts[pole]["train"] > 0 and counts[pole]["eval"] > 0 for pole in POLES)
 
 
-def test_the_six_runs_executed_concurrently(rewarded_run):
+def test_the_runs_executed_concurrently(rewarded_run):
     _, manifest = rewarded_run
     intervals = sorted(
         (m["metrics"]["train"]["started_at"], m["metrics"]["train"]["finished_at"])
@@ -92,8 +100,8 @@ def test_the_six_runs_executed_concurrently(rewarded_run):
         for i, (start, end) in enumerate(intervals)
         if any(s < end and start < e for j, (s, e) in enumerate(intervals) if j != i)
     )
-    # 2 CPUs, 0.5 CPU per run: up to four train at once, so most intervals overlap.
-    assert overlapping >= 4, intervals
+    # 2 CPUs, 0.5 CPU per run: the four train at once.
+    assert overlapping == 4, intervals
 
 
 def test_scorer_ranks_and_normalises(rewarded_run):
@@ -173,9 +181,10 @@ def test_adapter_loads_with_plain_peft_and_transformers(rewarded_run):
 
 def test_multitask_mode_trains_one_conditioned_model(feedback_run, tmp_path):
     out = _copy(feedback_run, tmp_path)
-    # One model learns six poles: it needs about as many steps as six per-pole runs together.
+    # A few steps: this checks the multitask plumbing and the conditioning, not accuracy
+    # (one model learning every pole needs about as many steps as the per-pole runs together).
     manifest = run_pipeline(
-        _config("rewards.mode=multitask", "rewards.steps=120"), str(out), ["rewards"]
+        _config("rewards.mode=multitask", "rewards.steps=24"), str(out), ["rewards"]
     )
     rewards = manifest.data["rewards"]
     assert sorted(rewards) == POLES
@@ -185,7 +194,7 @@ def test_multitask_mode_trains_one_conditioned_model(feedback_run, tmp_path):
     )
     for pole in POLES:
         metrics = rewards[pole]["metrics"]
-        assert metrics["pairs"] >= 20 and metrics["train"]["steps"] == 120
+        assert metrics["pairs"] >= 20 and metrics["train"]["steps"] == 24
         assert 0.0 <= metrics["accuracy"] <= 1.0
     # The pole reaches the model through its input: the same response scores differently
     # when the model is told a different pole. (How well the conditioned model orders each
@@ -243,11 +252,12 @@ def test_killed_worker_and_killed_driver_resume_without_retraining(feedback_run,
     and feedback stages alone."""
     run = _copy(feedback_run, tmp_path)
     base_record = Manifest.load(RunDir(run)).stage("base")
+    config_file = tmp_path / "rewards.yaml"  # the fixture's config: the same two dimensions
+    config = _config("rewards.steps=12", "rewards.checkpoint_every=3", "ray.num_cpus=2")
+    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     command = [
-        sys.executable, "-m", "psoups_ray", "run", "--smoke-test", "--out", str(run),
-        "--stages", "rewards", "--set", "feedback.pairs_per_pole=200",
-        "--set", "rewards.steps=30", "--set", "rewards.checkpoint_every=4",
-        "--set", "ray.num_cpus=2",
+        sys.executable, "-m", "psoups_ray", "run", "--config", str(config_file),
+        "--out", str(run), "--stages", "rewards",
     ]  # fmt: skip
     env = {**os.environ, "RAY_ADDRESS": ""}
     watcher = ManifestWatcher(run / "manifest.json")
@@ -259,7 +269,7 @@ def test_killed_worker_and_killed_driver_resume_without_retraining(feedback_run,
         )
     try:
         deadline = time.monotonic() + 300
-        while len(checkpoint_steps(run, "rewards")) < 4 and time.monotonic() < deadline:
+        while len(checkpoint_steps(run, "rewards")) < 3 and time.monotonic() < deadline:
             assert first.poll() is None, log.read_text()[-3000:]
             time.sleep(0.2)
         workers = train_workers_of(first.pid)
@@ -287,7 +297,7 @@ def test_killed_worker_and_killed_driver_resume_without_retraining(feedback_run,
     rewards = {
         pole: record["metrics"]["train"] for pole, record in manifest.data["rewards"].items()
     }
-    assert sorted(rewards) == POLES and all(m["steps"] == 30 for m in rewards.values())
+    assert sorted(rewards) == POLES and all(m["steps"] == 12 for m in rewards.values())
     # Every run unfinished at the kill restarts from the newest checkpoint it had: it
     # repeats fewer steps than the checkpoint interval.
     resumed = {pole: m["resumed_from_step"] for pole, m in rewards.items() if m["resumed"]}
