@@ -30,15 +30,21 @@ def ray_cluster():
 POLICY_DIMENSIONS = ("P2", "P3")  # informativeness and style: two dimensions to soup
 
 
+def keep_dimensions(config, ids):
+    """``config`` with its preference space cut to the dimensions ``ids`` (in place)."""
+    from psoups_ray.preferences import PreferenceSpaceSpec
+
+    dimensions = [d for d in config.preferences.dimensions if d.id in ids]
+    config.preferences = PreferenceSpaceSpec(dimensions=dimensions)
+    return config
+
+
 def policy_test_config(*overrides: str):
     """Smoke settings on a two-dimension space (P2 x P3), shared by the policy and tune tests."""
     from psoups_ray.config import SMOKE_TEST_OVERRIDES, load_config
-    from psoups_ray.preferences import PreferenceSpaceSpec
 
     config = load_config(None, [*SMOKE_TEST_OVERRIDES, "feedback.pairs_per_pole=60", *overrides])
-    dimensions = [d for d in config.preferences.dimensions if d.id in POLICY_DIMENSIONS]
-    config.preferences = PreferenceSpaceSpec(dimensions=dimensions)
-    return config
+    return keep_dimensions(config, POLICY_DIMENSIONS)
 
 
 @pytest.fixture(scope="session")

@@ -14,12 +14,12 @@ import time
 import pytest
 import torch
 import yaml
+from conftest import keep_dimensions
 from faults import ManifestWatcher, checkpoint_steps, train_workers_of
 
 from psoups_ray.config import SMOKE_TEST_OVERRIDES, load_config
 from psoups_ray.manifest import Manifest
 from psoups_ray.pipeline import run_pipeline
-from psoups_ray.preferences import PreferenceSpaceSpec
 from psoups_ray.ray_utils import TorchRun, fit_torch_runs
 from psoups_ray.rewards import RewardScorer
 from psoups_ray.rewards.stage import reward_jobs
@@ -41,9 +41,7 @@ def _config(*overrides: str):
         None,
         [*SMOKE_TEST_OVERRIDES, "feedback.pairs_per_pole=200", "rewards.steps=30", *overrides],
     )
-    dimensions = [d for d in config.preferences.dimensions if d.id in DIMENSIONS]
-    config.preferences = PreferenceSpaceSpec(dimensions=dimensions)
-    return config
+    return keep_dimensions(config, DIMENSIONS)
 
 
 @pytest.fixture(scope="module")

@@ -176,13 +176,12 @@ SMOKE_DIMENSIONS = ("P1", "P3")
 
 @pytest.mark.integration
 def test_smollm2_smoke_runs_every_stage_on_the_real_weights(ray_cluster, tmp_path):
+    from conftest import keep_dimensions
+
     from psoups_ray.pipeline import run_pipeline
-    from psoups_ray.preferences import PreferenceSpaceSpec
 
     out = tmp_path / "run"
-    config = load_config("smollm2", SMOKE)
-    dimensions = [d for d in config.preferences.dimensions if d.id in SMOKE_DIMENSIONS]
-    config.preferences = PreferenceSpaceSpec(dimensions=dimensions)
+    config = keep_dimensions(load_config("smollm2", SMOKE), SMOKE_DIMENSIONS)
     manifest = run_pipeline(config, str(out), ["report"]).data
     base = manifest["base"]
     assert base["gguf_file"] == GGUF and base["parameters"] == 134_515_008
