@@ -126,6 +126,11 @@ class SFTSpec(StrictModel):
     """Optimizer steps."""
     batch_size: int = Field(default=32, ge=1)
     """Examples per step per worker (global batch = batch_size x num_workers x grad_accum)."""
+    micro_batch_size: int | None = Field(default=None, ge=1)
+    """Run each step's batch as groups of this many rows sorted by length, each padded only
+    to its own longest row, and accumulate their gradients: the same step up to float
+    rounding, with less compute spent on padding when lengths vary. Empty: one pass per
+    batch. Ignored under DeepSpeed."""
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     """Micro-batches accumulated per optimizer step."""
     learning_rate: float = Field(default=2e-3, gt=0, le=1)
@@ -322,6 +327,11 @@ class RewardsConfig(StrictModel):
     """Optimizer steps per run."""
     batch_size: int = Field(default=16, ge=1)
     """Pairs per step per worker."""
+    micro_batch_size: int | None = Field(default=None, ge=1)
+    """Run each step's pairs as groups of this many pairs sorted by length, each padded
+    only to its own longest response, and accumulate their gradients: the same step up to
+    float rounding, with less compute spent on padding. Empty: one pass per batch.
+    Ignored under DeepSpeed."""
     learning_rate: float = Field(default=2e-3, gt=0, le=1)
     """Peak learning rate."""
     max_length: int = Field(default=256, ge=8)

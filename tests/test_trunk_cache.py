@@ -153,3 +153,39 @@ def test_trimming_shared_padding_changes_no_number(tmp_path):
     live = response[:, :kept].bool()
     for key in ("logprobs", "entropy", "reference", "values"):
         torch.testing.assert_close(cut[key][live], full[key][:, :kept][live], rtol=1e-5, atol=1e-5)
+
+
+def test_rollout_passes_in_length_sorted_chunks_give_every_row_its_own_numbers(tmp_path):
+    """The rollout's no-gradient passes run chunks of rows of similar response length and
+    put each row's outputs back in its place."""
+    from psoups_ray.config import PolicyConfig
+    from psoups_ray.rl.trainer import PPOTrainer
+
+    models = build(tmp_path, TOP)
+    trainer = PPOTrainer(models, None, PolicyConfig(minibatch_size=2), reward_fn=None)
+    torch.manual_seed(4)
+    query_length, width = 6, 9
+    ids = torch.randint(2, 64, (5, query_length + width))
+    attention = torch.ones_like(ids)
+    attention[0, :3] = attention[3, :1] = 0  # left-padded queries
+    response = torch.zeros(5, width, dtype=torch.long)
+    for row, length in enumerate((2, 9, 4, 7, 1)):
+        response[row, :length] = 1
+    attention[:, query_length:] = response
+    ids = ids.masked_fill(attention == 0, 0)
+
+    with torch.no_grad():
+        logprobs, entropy = trainer._per_token_in_chunks(
+            lambda i, a, q: models.policy_logprobs(i, a, q, 0.7, with_entropy=True),
+            ids, attention, response, query_length,
+        )  # fmt: skip
+        values = trainer._per_token_in_chunks(models.values, ids, attention, response, query_length)
+        whole_logprobs, whole_entropy = models.policy_logprobs(
+            ids, attention, query_length, 0.7, with_entropy=True
+        )
+        whole_values = models.values(ids, attention, query_length)
+    live = response.bool()
+    pairs = ((logprobs, whole_logprobs), (entropy, whole_entropy), (values, whole_values))
+    for chunked, whole in pairs:
+        assert chunked.shape == (5, width)
+        torch.testing.assert_close(chunked[live], whole[live], rtol=1e-5, atol=1e-5)

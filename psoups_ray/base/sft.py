@@ -27,10 +27,14 @@ from psoups_ray.generation import generate
 from psoups_ray.progress import log
 from psoups_ray.rundir import RunDir, local_reference
 from psoups_ray.training import (
+    MicroBatchMixin,
     ProgressCallback,
     checkpoint_step,
+    length_sorted_groups,
     restore_ray_checkpoint,
+    select_rows,
     trainer_kwargs,
+    used_width,
 )
 
 
@@ -48,6 +52,24 @@ class SFTJob:
     init_from: str | None = None  # model reference to fine-tune; None -> a fresh tiny model
     sample_prompts: tuple[str, ...] = ()  # formatted prompts to sample after training
     label: str = "base"
+
+
+class LengthSortedSFTTrainer(MicroBatchMixin, SFTTrainer):
+    """TRL's SFTTrainer, each step's batch run as length-sorted micro-batches of
+    ``micro_batch_size`` rows (:class:`psoups_ray.training.MicroBatchMixin`).
+
+    TRL's loss is the sum of the token losses over the batch's count of completion
+    tokens (``num_items_in_batch``), so the micro-batches' losses add up to the batch's.
+    """
+
+    def micro_batches(self, inputs, num_items_in_batch):
+        if num_items_in_batch is None or "attention_mask" not in inputs:
+            return None  # per-pass token means would not add up; padding-free batches
+        attention_mask = inputs["attention_mask"]  # (B, L), right-padded
+        groups = length_sorted_groups(attention_mask.sum(dim=1).tolist(), self.micro_batch_size)
+        return [
+            (select_rows(inputs, rows, used_width(attention_mask[rows])), 1.0) for rows in groups
+        ]
 
 
 def _training_args(job: SFTJob, output_dir: str) -> SFTConfig:
@@ -102,13 +124,14 @@ def run_sft(job: SFTJob, *, under_ray: bool = False) -> dict[str, Any]:
             from ray.train.huggingface.transformers import RayTrainReportCallback
 
             callbacks.append(RayTrainReportCallback())
-        trainer = SFTTrainer(
+        trainer = LengthSortedSFTTrainer(
             model=model,
             args=_training_args(job, workdir),
             train_dataset=dataset,
             processing_class=tokenizer,
             callbacks=callbacks,
         )
+        trainer.micro_batch_size = job.base.sft.micro_batch_size
         trainer.remove_callback(PrinterCallback)  # our progress line replaces its raw dicts
         if under_ray:
             from ray.train.huggingface.transformers import prepare_trainer

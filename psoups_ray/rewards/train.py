@@ -16,6 +16,7 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,12 +33,16 @@ from psoups_ray.errors import PsoupsError
 from psoups_ray.progress import log
 from psoups_ray.rundir import RunDir, local_reference
 from psoups_ray.training import (
+    MicroBatchMixin,
     ProgressCallback,
     checkpoint_step,
+    length_sorted_groups,
     lora_kwargs,
     restore_ray_checkpoint,
+    select_rows,
     threads_for_worker,
     trainer_kwargs,
+    used_width,
     worker_node_id,
 )
 
@@ -62,6 +67,37 @@ class RewardJob:
     metrics_relpath: str  # metrics JSON written by rank 0
 
 
+class LengthSortedRewardTrainer(MicroBatchMixin, RewardTrainer):
+    """TRL's RewardTrainer, each step's pairs run as length-sorted groups of
+    ``micro_batch_size`` pairs (:class:`psoups_ray.training.MicroBatchMixin`).
+
+    TRL's batch is (2B, L): the B chosen responses, then their B rejected ones. A group
+    keeps both halves of its pairs; its loss (a mean over pairs) is weighted by its share
+    of the batch's pairs, so the groups' losses add up to the batch's.
+    """
+
+    def micro_batches(self, inputs, num_items_in_batch):
+        attention_mask = inputs["attention_mask"]  # (2B, L), right-padded
+        pairs = attention_mask.shape[0] // 2
+        lengths = attention_mask.sum(dim=1)
+        pair_lengths = torch.maximum(lengths[:pairs], lengths[pairs:]).tolist()  # (B,)
+        parts = []
+        for group in length_sorted_groups(pair_lengths, self.micro_batch_size):
+            rows = group + [pairs + i for i in group]
+            part = select_rows(inputs, rows, used_width(attention_mask[rows]))
+            if "margin" in inputs:  # (B,): one per pair
+                part["margin"] = inputs["margin"][group]
+            parts.append((part, len(group) / pairs))
+        return parts
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if return_outputs:
+            loss, outputs = result
+            return loss * self.loss_weight, outputs
+        return result * self.loss_weight
+
+
 def read_reward_stats(directory: str | Path, location: str | None = None) -> dict[str, Any]:
     """The ``reward_stats.json`` next to a reward adapter (``conditioned`` + per-pole stats)."""
     path = Path(directory, STATS_FILE)
@@ -73,24 +109,39 @@ def read_reward_stats(directory: str | Path, location: str | None = None) -> dic
     return json.loads(path.read_text())
 
 
-def encode_right_padded(
-    tokenizer, texts: list[str], batch_size: int, max_length: int | None = None
-):
-    """Yield right-padded encodings of ``texts`` in batches: a sequence classifier reads its
-    score at the last non-pad token. ``max_length`` truncates; None keeps every token."""
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "right"
-    try:
-        for start in range(0, len(texts), batch_size):
-            yield tokenizer(
-                texts[start : start + batch_size],
-                return_tensors="pt",
-                padding=True,
-                truncation=max_length is not None,
-                max_length=max_length,
-            )
-    finally:
-        tokenizer.padding_side = padding_side
+def score_right_padded(
+    tokenizer,
+    texts: Sequence[str],
+    batch_size: int,
+    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    max_length: int | None = None,
+) -> torch.Tensor:
+    """``score(input_ids, attention_mask)`` of every text, in batches: (len(texts),).
+
+    Batches are right-padded (a sequence classifier reads its score at the last non-pad
+    token) and hold texts of similar token length (sorted longest first), so little of
+    their compute goes to padding; each text's score does not depend on its batch-mates.
+    ``score`` maps a (b, L) batch to (b,) scores. ``max_length`` truncates; None keeps
+    every token.
+    """
+    if tokenizer.pad_token_id is None:
+        raise PsoupsError("the tokenizer has no pad token: reward scores need one")
+    encoded = tokenizer(list(texts), truncation=max_length is not None, max_length=max_length)[
+        "input_ids"
+    ]
+    lengths = [len(ids) for ids in encoded]
+    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    scores = torch.zeros(len(texts))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        width = lengths[rows[0]]
+        input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, index in enumerate(rows):
+            input_ids[row, : lengths[index]] = torch.tensor(encoded[index])
+            attention_mask[row, : lengths[index]] = 1
+        scores[rows] = score(input_ids, attention_mask).float().cpu()  # (b,)
+    return scores
 
 
 def reward_input(
@@ -193,7 +244,7 @@ def run_reward_training(job: RewardJob, *, under_ray: bool = False) -> dict[str,
             from ray.train.huggingface.transformers import RayTrainReportCallback
 
             callbacks.append(RayTrainReportCallback())
-        trainer = RewardTrainer(
+        trainer = LengthSortedRewardTrainer(
             model=model,
             args=args,
             train_dataset=Dataset.from_list(
@@ -203,6 +254,7 @@ def run_reward_training(job: RewardJob, *, under_ray: bool = False) -> dict[str,
             peft_config=lora_config(spec.lora, model.config.num_hidden_layers),
             callbacks=callbacks,
         )
+        trainer.micro_batch_size = spec.micro_batch_size
         trainer.remove_callback(PrinterCallback)
         if under_ray:
             from ray.train.huggingface.transformers import prepare_trainer
@@ -249,11 +301,14 @@ def score_texts(model, tokenizer, prompts: list[str], responses: list[str], batc
     model.eval()
     device = next(model.parameters()).device
     texts = [p + r for p, r in zip(prompts, responses, strict=True)]
-    scores = [
-        model(**encoded.to(device)).logits[:, 0].float().cpu()  # (batch,)
-        for encoded in encode_right_padded(tokenizer, texts, batch_size)
-    ]
-    return torch.cat(scores) if scores else torch.zeros(0)
+    return score_right_padded(
+        tokenizer,
+        texts,
+        batch_size,
+        lambda ids, mask: model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[
+            :, 0
+        ],
+    )
 
 
 def held_out_statistics(model, tokenizer, rows: list[dict[str, str]], poles) -> dict[str, Any]:

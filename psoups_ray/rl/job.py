@@ -88,7 +88,7 @@ def make_reward_fn(
     device: torch.device,
 ) -> RewardFn:
     """Scores responses: each query's reward is the mean of its poles' normalised rewards."""
-    from psoups_ray.rewards.train import encode_right_padded, reward_input
+    from psoups_ray.rewards.train import reward_input, score_right_padded
 
     def reward(queries: Sequence[Query], texts: Sequence[str]) -> torch.Tensor:
         total = torch.zeros(len(queries))
@@ -100,13 +100,15 @@ def make_reward_fn(
                 "".join(reward_input(tokenizer, queries[i].prompt, texts[i], preference))
                 for i in rows
             ]
-            scores = [
-                models.reward_scores(
-                    pole, encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
-                )
-                for encoded in encode_right_padded(tokenizer, texts_in, batch_size, max_length)
-            ]
-            raw = torch.cat(scores).cpu()
+            raw = score_right_padded(
+                tokenizer,
+                texts_in,
+                batch_size,
+                lambda ids, mask, pole=pole: models.reward_scores(
+                    pole, ids.to(device), mask.to(device)
+                ),
+                max_length,
+            )
             total[rows] += (raw - adapter.score_mean) / adapter.score_std
         counts = torch.tensor([len(query.poles) for query in queries], dtype=torch.float)
         return total / counts

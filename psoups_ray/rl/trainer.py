@@ -256,20 +256,25 @@ class PPOTrainer:
     # -- rollout -------------------------------------------------------------------
     def _per_token_in_chunks(self, function, input_ids, attention_mask, mask, query_length):
         """``function(ids, attention_mask, query_length)`` -> per-token tensor(s) (b, T'),
-        on chunks of ``minibatch_size`` rows trimmed of their padding (:func:`trim_padding`);
-        returned as (B, T), zero past each chunk's T'."""
-        width = mask.shape[1]
-        outputs = []
-        for start in range(0, len(input_ids), self.spec.minibatch_size):
-            rows = slice(start, start + self.spec.minibatch_size)
+        on chunks of ``minibatch_size`` rows of similar response length (sorted longest
+        first), each trimmed of its padding (:func:`trim_padding`); returned as (B, T) in
+        the rows' order, zero past each chunk's T'. A row's outputs do not depend on the
+        rows it shares a chunk with."""
+        batch, width = mask.shape
+        order = torch.argsort(mask.sum(dim=1), descending=True, stable=True)  # (B,)
+        joined: list[torch.Tensor] | None = None
+        for start in range(0, batch, self.spec.minibatch_size):
+            rows = order[start : start + self.spec.minibatch_size]
             ids, am, q, kept = trim_padding(
                 input_ids[rows], attention_mask[rows], mask[rows], query_length
             )
             output = function(ids, am, q)
             parts = output if isinstance(output, tuple) else (output,)
-            outputs.append(tuple(torch.nn.functional.pad(t, (0, width - kept)) for t in parts))
-        joined = tuple(torch.cat(parts) for parts in zip(*outputs, strict=True))
-        return joined if isinstance(output, tuple) else joined[0]
+            if joined is None:
+                joined = [t.new_zeros((batch, width)) for t in parts]
+            for result, part in zip(joined, parts, strict=True):
+                result[rows, :kept] = part
+        return tuple(joined) if isinstance(output, tuple) else joined[0]
 
     @torch.no_grad()
     def rollout(self, queries: Sequence[Query], step: int, rank: int = 0) -> Rollout:

@@ -202,7 +202,7 @@ class SoupEvaluator:
     ) -> torch.Tensor:
         """``pole``'s reward of each (prompt, response), standardised with the reward
         model's held-out statistics: (len(texts),)."""
-        from psoups_ray.rewards.train import encode_right_padded, reward_input
+        from psoups_ray.rewards.train import reward_input, score_right_padded
         from psoups_ray.rl.models import read_scores
 
         adapter = self.rewards[pole]
@@ -213,19 +213,20 @@ class SoupEvaluator:
             for prompt, text in zip(prompts, texts, strict=True)
         ]
         self.peft.set_adapter(name)
-        scores = [
-            read_scores(
+        scores = score_right_padded(
+            self.tokenizer,
+            inputs,
+            batch_size,
+            lambda ids, mask: read_scores(
                 self.peft.get_base_model().base_model,
                 self._heads[name],
-                encoded["input_ids"].to(self.device),
-                encoded["attention_mask"].to(self.device),
+                ids.to(self.device),
+                mask.to(self.device),
                 self.tokenizer.pad_token_id,
-            ).cpu()
-            for encoded in encode_right_padded(
-                self.tokenizer, inputs, batch_size, self.models.reward_max_length
-            )
-        ]
-        return (torch.cat(scores) - adapter.score_mean) / adapter.score_std
+            ),
+            self.models.reward_max_length,
+        )
+        return (scores - adapter.score_mean) / adapter.score_std
 
     def sample(
         self,
