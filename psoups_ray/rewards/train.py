@@ -32,6 +32,7 @@ from psoups_ray.config import BaseConfig, RewardsConfig
 from psoups_ray.errors import PsoupsError
 from psoups_ray.progress import log
 from psoups_ray.rundir import RunDir, local_reference
+from psoups_ray.seeding import derive_seed
 from psoups_ray.training import (
     MicroBatchMixin,
     ProgressCallback,
@@ -214,6 +215,7 @@ def run_reward_training(job: RewardJob, *, under_ray: bool = False) -> dict[str,
     tokenizer = load_tokenizer(local_reference(job.tokenizer_path))
     train_rows = _rows(job, tokenizer, "train")
     eval_rows = _rows(job, tokenizer, "eval")
+    torch.manual_seed(derive_seed(job.seed, job.name, "init"))  # the score head's init
     model = load_reward_base(job.base_model_path, job.base)
     model.config.pad_token_id = tokenizer.pad_token_id
 
