@@ -17,6 +17,7 @@ from psoups_ray.rundir import RunDir
 
 QUEUE_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 QUEUE_TIMEOUT_S = 24 * 3600
+LOCAL_CLUSTER_ENV = "PSOUPS_LOCAL_CLUSTER"  # set in the processes of a cluster we started
 
 
 def ensure_ray(config: RayConfig) -> None:
@@ -37,6 +38,7 @@ def ensure_ray(config: RayConfig) -> None:
     # Ray Train's preemption watcher (one more actor process per run) polls for nodes being
     # drained, which a single machine's cluster never is.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    os.environ[LOCAL_CLUSTER_ENV] = "1"  # the cluster's processes inherit it (see _fit)
     ray.init(
         num_cpus=config.num_cpus,
         num_gpus=config.num_gpus,
@@ -94,14 +96,13 @@ def fit_torch_run(
 
 def _fit(loop: bytes, resources: ScalingSpec, rundir: RunDir, stage: str, name: str):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
 
     # Runs launched together queue for resources on purpose; Ray Train's default is to
     # give up on a worker group after 60 s and retry forever, logging an error each time.
     # The controller reads this from the process that calls fit() (this one).
     os.environ.setdefault(QUEUE_TIMEOUT_ENV, str(QUEUE_TIMEOUT_S))
 
-    trainer = TorchTrainer(
+    trainer = _trainer_class()(
         _run_serialized_loop,
         train_loop_config={"loop": loop},
         scaling_config=scaling_config(resources),
@@ -119,6 +120,43 @@ def _fit(loop: bytes, resources: ScalingSpec, rundir: RunDir, stage: str, name: 
     if result.error is not None:
         raise PsoupsError(f"Ray Train run {name!r} failed: {result.error}")
     return result
+
+
+def _trainer_class():
+    """``TorchTrainer``, without two helper actors where they have nothing to do.
+
+    Ray Train starts, for every run, a ``DatasetManager`` actor (Ray Data shards; our
+    runs pass no datasets) and a ``PlacementGroupCleaner`` actor that asks the state API
+    every second whether the run's controller is still alive, to free its placement group
+    if it died. On a small machine they cost CPU the runs need: in the tiny run here about
+    4 CPU-seconds (start-up) and 5 CPU-seconds (start-up and polling) per run, next to
+    the controller's 8. The dataset actor is dropped for every run; the cleaner only on a
+    local cluster that ``psoups`` started, which goes away with the command. If a
+    Ray version renames these internals, the plain ``TorchTrainer`` is used.
+    """
+    from ray.train.torch import TorchTrainer
+
+    try:
+        from ray.train.v2._internal.callbacks import DatasetsCallback
+        from ray.train.v2._internal.callbacks.placement_group_callback import (
+            PlacementGroupCleanerCallback,
+        )
+    except ImportError:
+        return TorchTrainer
+    if not hasattr(TorchTrainer, "_create_default_callbacks"):
+        return TorchTrainer
+    dropped: tuple[type, ...] = (DatasetsCallback,)
+    if os.environ.get(LOCAL_CLUSTER_ENV) == "1":
+        dropped += (PlacementGroupCleanerCallback,)
+
+    class LeanTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:  # Ray Data inputs need their manager
+                return callbacks
+            return [callback for callback in callbacks if not isinstance(callback, dropped)]
+
+    return LeanTorchTrainer
 
 
 @dataclass(frozen=True)
