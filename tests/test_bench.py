@@ -37,6 +37,17 @@ def test_generation_benchmark_compares_the_three_decoders():
     assert ratios["loop_equals_hf"] is True and ratios["restored"] is True
 
 
+def test_micro_batch_benchmark_trains_the_same_sft_steps_both_ways():
+    result = subprocess.run(
+        [sys.executable, "bench/micro_batches.py", "--smoke-test"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert " whole: " in result.stdout and " micro: " in result.stdout
+    ratios = json.loads(result.stdout.split("RATIOS ", 1)[1].splitlines()[0])
+    assert ratios["micro"] > 0 and ratios["same_loss"] is True
+
+
 def test_tune_efficiency_benchmark_runs_both_searches(policy_run):
     out, _ = policy_run
     result = subprocess.run(
