@@ -31,6 +31,7 @@ def ensure_ray(config: RayConfig) -> None:
         return
     address = config.address or os.environ.get("RAY_ADDRESS")
     if address:
+        os.environ.pop(LOCAL_CLUSTER_ENV, None)  # runs fit from here too (fit_torch_run)
         log(f"connecting to Ray cluster at {address}")
         ray.init(address=address, log_to_driver=True)
         return

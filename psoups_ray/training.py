@@ -137,14 +137,17 @@ def length_sorted_groups(lengths: Sequence[int], size: int) -> list[list[int]]:
     return [order[start : start + size] for start in range(0, len(order), size)]
 
 
-def select_rows(inputs: dict[str, Any], rows: list[int], width: int) -> dict[str, Any]:
-    """Rows ``rows`` of every per-row tensor of a batch, (B, L) ones cut to ``width`` columns.
+def select_rows(inputs: dict[str, Any], rows: list[int]) -> dict[str, Any]:
+    """Rows ``rows`` of every per-row tensor of a batch, (B, L) ones cut after the last
+    column any of those rows attends to (``attention_mask``): only trailing padding goes.
 
     A tensor is per-row when its first dimension is the batch's (that of ``input_ids``) and
     per-token when its second is the batch's sequence length too; anything else is kept.
     """
     batch, length = inputs["input_ids"].shape
     index = torch.tensor(rows, device=inputs["input_ids"].device)
+    used = inputs["attention_mask"][index].bool().any(dim=0).nonzero()  # attended columns
+    width = int(used.max()) + 1 if len(used) else 1
     selected = {}
     for key, value in inputs.items():
         if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch:
@@ -153,12 +156,6 @@ def select_rows(inputs: dict[str, Any], rows: list[int], width: int) -> dict[str
                 value = value[:, :width]
         selected[key] = value
     return selected
-
-
-def used_width(attention_mask: torch.Tensor) -> int:
-    """1 + the last column any row attends to: (b, L) -> int (columns past it are padding)."""
-    used = attention_mask.bool().any(dim=0).nonzero()
-    return int(used.max()) + 1 if len(used) else 1
 
 
 class MicroBatchMixin:

@@ -14,51 +14,41 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
 
 
-def test_ppo_memory_benchmark_compares_both_layouts():
+def run_bench(*args: str) -> tuple[str, dict]:
+    """(stdout, the RATIOS line's JSON) of ``python bench/...`` run from the repository."""
     result = subprocess.run(
-        [sys.executable, "bench/ppo_memory.py", "--smoke-test", "--threads", "1"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "shared: peak memory" in result.stdout and "separate: peak memory" in result.stdout
-    ratios = json.loads(result.stdout.split("RATIOS ", 1)[1].splitlines()[0])
+    stdout = result.stdout
+    return stdout, json.loads(stdout.split("RATIOS ", 1)[1].splitlines()[0])
+
+
+def test_ppo_memory_benchmark_compares_both_layouts():
+    stdout, ratios = run_bench("bench/ppo_memory.py", "--smoke-test", "--threads", "1")
+    assert "shared: peak memory" in stdout and "separate: peak memory" in stdout
     assert ratios["memory"] > 0 and ratios["time"] > 0
 
 
 def test_generation_benchmark_compares_the_three_decoders():
-    result = subprocess.run(
-        [sys.executable, "bench/generation.py", "--smoke-test"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert all(f"{name}: " in result.stdout for name in ("hf", "loop", "merged"))
-    ratios = json.loads(result.stdout.split("RATIOS ", 1)[1].splitlines()[0])
+    stdout, ratios = run_bench("bench/generation.py", "--smoke-test")
+    assert all(f"{name}: " in stdout for name in ("hf", "loop", "merged"))
     assert ratios["loop"] > 0 and ratios["merged"] > 0
     assert ratios["loop_equals_hf"] is True and ratios["restored"] is True
 
 
 def test_micro_batch_benchmark_trains_the_same_sft_steps_both_ways():
-    result = subprocess.run(
-        [sys.executable, "bench/micro_batches.py", "--smoke-test"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert " whole: " in result.stdout and " micro: " in result.stdout
-    ratios = json.loads(result.stdout.split("RATIOS ", 1)[1].splitlines()[0])
+    stdout, ratios = run_bench("bench/micro_batches.py", "--smoke-test")
+    assert " whole: " in stdout and " micro: " in stdout
     assert ratios["micro"] > 0 and ratios["same_loss"] is True
 
 
 def test_tune_efficiency_benchmark_runs_both_searches(policy_run):
     out, _ = policy_run
-    result = subprocess.run(
-        [sys.executable, "bench/tune_efficiency.py", "--run", str(out), "--smoke-test"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    ratios = json.loads(result.stdout.split("RATIOS ", 1)[1].splitlines()[0])
+    stdout, ratios = run_bench("bench/tune_efficiency.py", "--run", str(out), "--smoke-test")
     assert ratios["trials"] == pytest.approx(1 / 3)  # 1 Optuna trial vs the 3-point grid
     assert 0 <= ratios["grid_points_at_or_below_optuna_best"] <= 1
-    assert "grid:   3 trials" in result.stdout
+    assert "grid:   3 trials" in stdout
 
 
 def test_scaled_run_has_a_bigger_base_that_serves_the_same_soups_both_ways(policy_run, tmp_path):

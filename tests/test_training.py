@@ -16,7 +16,7 @@ from psoups_ray.base.stage import prepare_tiny_sft
 from psoups_ray.config import load_config
 from psoups_ray.rewards.train import LengthSortedRewardTrainer, lora_config, score_right_padded
 from psoups_ray.rundir import RunDir
-from psoups_ray.training import length_sorted_groups, select_rows, used_width
+from psoups_ray.training import length_sorted_groups, select_rows
 
 
 def test_groups_sort_by_length_and_rows_keep_their_tensors():
@@ -28,7 +28,7 @@ def test_groups_sort_by_length_and_rows_keep_their_tensors():
         "use_cache": False,
     }
     rows = [2, 0]
-    part = select_rows(inputs, rows, used_width(inputs["attention_mask"][rows]))
+    part = select_rows(inputs, rows)
     assert part["input_ids"].tolist() == [[8, 9], [0, 1]]
     assert part["attention_mask"].tolist() == [[1, 0], [1, 1]]
     assert part["margin"].tolist() == pytest.approx([0.3, 0.1])

@@ -34,7 +34,6 @@ from psoups_ray.training import (
     restore_ray_checkpoint,
     select_rows,
     trainer_kwargs,
-    used_width,
 )
 
 
@@ -67,9 +66,7 @@ class LengthSortedSFTTrainer(MicroBatchMixin, SFTTrainer):
             return None  # per-pass token means would not add up; padding-free batches
         attention_mask = inputs["attention_mask"]  # (B, L), right-padded
         groups = length_sorted_groups(attention_mask.sum(dim=1).tolist(), self.micro_batch_size)
-        return [
-            (select_rows(inputs, rows, used_width(attention_mask[rows])), 1.0) for rows in groups
-        ]
+        return [(select_rows(inputs, rows), 1.0) for rows in groups]
 
 
 def _training_args(job: SFTJob, output_dir: str) -> SFTConfig:

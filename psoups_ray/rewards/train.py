@@ -43,7 +43,6 @@ from psoups_ray.training import (
     select_rows,
     threads_for_worker,
     trainer_kwargs,
-    used_width,
     worker_node_id,
 )
 
@@ -85,7 +84,7 @@ class LengthSortedRewardTrainer(MicroBatchMixin, RewardTrainer):
         parts = []
         for group in length_sorted_groups(pair_lengths, self.micro_batch_size):
             rows = group + [pairs + i for i in group]
-            part = select_rows(inputs, rows, used_width(attention_mask[rows]))
+            part = select_rows(inputs, rows)
             if "margin" in inputs:  # (B,): one per pair
                 part["margin"] = inputs["margin"][group]
             parts.append((part, len(group) / pairs))
