@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from psoups_ray.config import GenerationSpec
 from psoups_ray.progress import log
@@ -38,6 +39,75 @@ def returned_cache(output):
     transformers >= 5.x's current models, ``past_key_values`` in older ones)."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else output.past_key_values
+
+
+def preallocated_cache(model: nn.Module, capacity: int) -> DynamicCache | None:
+    """A KV cache for ``capacity`` positions that grows in place, or None where the model
+    takes no transformers ``Cache`` objects (older and remote-code models: they make their
+    own on the first call).
+
+    transformers' ``DynamicCache`` concatenates every layer's keys and values with the new
+    token's at every step: a fresh tensor a little larger each time, which the allocator
+    cannot reuse (on CPU each is a new memory mapping whose pages the kernel zeroes). On
+    the tiny base that was half of a decoding step (``bench/generation.py``). Here every
+    full-attention layer writes into one buffer and attends to a view of its filled
+    prefix: the same keys and values, so the same outputs. Other layer kinds (sliding
+    windows, linear attention) keep transformers' own.
+    """
+    config = getattr(model, "config", None)
+    if config is None or cache_argument(model) != "cache":
+        return None
+    cache = DynamicCache(config=config)
+    cache.layers = [
+        GrowingLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers
+    ]
+    return cache
+
+
+class GrowingLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys and values are views of one preallocated buffer
+    (:func:`preallocated_cache`); a buffer that fills up doubles."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = max(int(capacity), 1)
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        batch, heads = key_states.shape[:2]
+        self._keys = key_states.new_empty((batch, heads, self.capacity, key_states.shape[-1]))
+        self._values = value_states.new_empty((batch, heads, self.capacity, value_states.shape[-1]))
+        self.length = 0
+        self.keys, self.values = self._keys[:, :, :0], self._values[:, :, :0]
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self._keys.shape[-2]:  # more positions than announced: grow
+            size = max(end, 2 * self._keys.shape[-2])
+            self._keys = _grown(self._keys, self.length, size)
+            self._values = _grown(self._values, self.length, size)
+        self._keys[:, :, self.length : end] = key_states
+        self._values[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        super().reset()
+        self.length = 0
+
+
+def _grown(buffer: torch.Tensor, filled: int, size: int) -> torch.Tensor:
+    """``buffer`` (B, H, L, D) with room for ``size`` positions, its first ``filled`` kept."""
+    grown = buffer.new_empty((*buffer.shape[:2], size, buffer.shape[-1]))
+    grown[:, :, :filled] = buffer[:, :, :filled]
+    return grown
 
 
 def default_top_k(model: nn.Module) -> int:
@@ -136,7 +206,9 @@ def sample_tokens(
     )  # (B, L + max_new_tokens): sliced as decoding proceeds
     positions = position_ids_for(attention_mask)  # (B, L)
     unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
-    cache = None  # the model's own (dynamic) KV cache, grown in place after the first call
+    # Keys and values grow in place in one buffer per layer; a model that takes no Cache
+    # objects makes its own on the first call.
+    cache = preallocated_cache(model, input_ids.shape[1] + max_new_tokens)
     inputs = input_ids
     chosen: list[torch.Tensor] = []
     for step in range(max_new_tokens):

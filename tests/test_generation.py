@@ -9,7 +9,13 @@ import torch
 from peft import LoraConfig, TaskType
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from psoups_ray.generation import default_top_k, sample_tokens, sampling_probabilities
+from psoups_ray.generation import (
+    GrowingLayer,
+    default_top_k,
+    preallocated_cache,
+    sample_tokens,
+    sampling_probabilities,
+)
 from psoups_ray.rl.models import POLICY, SharedBasePPOModels
 
 PAD, EOS = 0, 1
@@ -60,6 +66,36 @@ def test_sampling_draws_the_same_tokens_as_transformers_generate(settings, eos):
     )
     assert got.shape == expected.shape
     assert torch.equal(got, expected)
+
+
+def test_the_cache_grows_in_place_and_holds_what_transformers_cache_holds(monkeypatch):
+    from transformers.cache_utils import DynamicLayer
+
+    model = tiny_model()
+    cache = preallocated_cache(model, 5)
+    assert [type(layer) for layer in cache.layers] == [GrowingLayer, GrowingLayer]
+    growing, dynamic = GrowingLayer(5), DynamicLayer()
+    torch.manual_seed(0)
+    buffers = set()
+    for length in (3, 1, 1, 1, 3, 1):  # the prompt, then tokens: 6 > 5 doubles it to 10
+        keys, values = torch.randn(2, 2, length, 8), torch.randn(2, 2, length, 8)
+        got = growing.update(keys, values)
+        expected = dynamic.update(keys, values)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+        assert growing.get_seq_length() == dynamic.get_seq_length()
+        buffers.add(growing._keys.data_ptr())
+    assert len(buffers) == 2  # written in place, reallocated once (doubled) on overflow
+    # Sampling uses it; the tokens are those of transformers' cache (and of generate, above).
+    ids, mask = prompts()
+    settings = dict(max_new_tokens=30, temperature=1.0, eos_token_id=EOS, pad_token_id=PAD)
+    torch.manual_seed(4)
+    with_growing = sample_tokens(model, ids, mask, **settings)
+    monkeypatch.setattr(  # the model's own cache
+        "psoups_ray.generation.preallocated_cache", lambda model, capacity: None
+    )
+    torch.manual_seed(4)
+    with_dynamic = sample_tokens(model, ids, mask, **settings)
+    assert torch.equal(with_growing, with_dynamic)
 
 
 def test_rows_stop_at_eos_and_decoding_ends_when_every_row_has():

@@ -8,6 +8,8 @@ import json
 import math
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,6 +73,21 @@ def test_evaluators_that_fit_the_cluster():
     assert evaluators_that_fit(1.0, 0.3, {"CPU": 16.0, "GPU": 1.0}) == 3
     assert evaluators_that_fit(1.0, 1.0, {"CPU": 16.0}) == 0  # no GPU yet (autoscaler)
     assert evaluators_that_fit(0.5, 0.0, {"CPU": 1.5}) == 3
+
+
+def test_a_trial_process_imports_neither_torch_nor_transformers():
+    # Tune starts trial processes that unpickle soup_trial (and the pool and the sweep):
+    # they must stay light, the models live in the evaluator actors.
+    code = (
+        "import pickle, sys\n"
+        "import psoups_ray.tuning.search as search\n"
+        "pickle.loads(pickle.dumps(search.soup_trial))\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'trl') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
 
 
 def test_pareto_pairs_cross_dimensions():
@@ -144,6 +161,12 @@ def test_every_combination_is_tuned_by_ray_tune(tune_run):
         assert held_out["tuned"]["weights"] == pytest.approx(weights)
         assert held_out["uniform"]["weights"] == pytest.approx({p: 0.5 for p in poles})
         assert 0.0 <= held_out["tuned"]["success_rate"] <= 1.0
+        # Tune reused its trial processes: three trials ran in at most two (one per
+        # concurrent trial), not a fresh Ray worker process each.
+        results = list((out / "ray" / "tune" / f"sweep-{combo}").glob("*/result.json"))
+        assert len(results) == 3
+        pids = {json.loads(path.read_text().splitlines()[0])["pid"] for path in results}
+        assert len(pids) <= 2, pids
     # Two long-lived evaluators served every trial, the comparison and the Pareto sweeps:
     # the models were loaded twice in all, not once per trial.
     evaluators = section["evaluators"]

@@ -1,7 +1,7 @@
 """The evaluate stage: every system answers the held-out prompts for every combination;
 judges compare each P-Soups variant with every other system, prompt by prompt.
 
-Systems (``evaluate.systems``), each a :class:`~psoups_ray.soup.evaluator.SoupQuery` on
+Systems (``evaluate.systems``), each a :class:`~psoups_ray.soup.pool.SoupQuery` on
 one loaded base (the baselines' adapters are mixed in like the poles', so weight 1 on a
 baseline alone is that baseline's policy):
 
@@ -47,7 +47,7 @@ from psoups_ray.preferences import PreferenceSpace
 from psoups_ray.progress import log
 from psoups_ray.rundir import RunDir
 from psoups_ray.seeding import derive_seed
-from psoups_ray.soup.evaluator import SoupModels, SoupQuery, start_evaluators
+from psoups_ray.soup.pool import SoupModels, SoupQuery, start_evaluators
 
 UNPROMPTED_SYSTEMS = ("base", "rlhf")  # the same responses for every combination
 BASELINE_ADAPTERS = ("rlhf", "pmorl")

@@ -246,7 +246,7 @@ class SoupEngine:
         every job has finished (a finished job's later outputs are empty and finished).
 
         ``model``: decode with this (merged) model instead, ignoring the jobs' weights."""
-        from psoups_ray.generation import returned_cache
+        from psoups_ray.generation import preallocated_cache, returned_cache
         from psoups_ray.prompting import adds_special_tokens
         from psoups_ray.rl.models import position_ids_for
 
@@ -285,9 +285,11 @@ class SoupEngine:
         model = model if model is not None else self.model
         with torch.no_grad(), soup:
             positions = position_ids_for(attention)
+            cache = preallocated_cache(model, input_ids.shape[1] + steps)
             output = model(
                 input_ids=input_ids, attention_mask=attention, position_ids=positions,
                 use_cache=True, logits_to_keep=1,
+                **({self._cache_arg: cache} if cache is not None else {}),
             )  # fmt: skip
             for _ in range(steps):
                 next_ids = self._sample(output.logits[:, -1, :].float(), temperature, top_p, rows)

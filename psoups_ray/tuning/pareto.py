@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from psoups_ray.preferences import PreferenceSpace
-from psoups_ray.soup.evaluator import SoupQuery
+from psoups_ray.soup.pool import SoupQuery
 
 
 @dataclass(frozen=True)

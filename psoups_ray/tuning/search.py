@@ -23,7 +23,7 @@ from ray.tune import Callback
 from psoups_ray.config import GenerationSpec, TuneConfig
 from psoups_ray.errors import PsoupsError
 from psoups_ray.progress import log
-from psoups_ray.soup.evaluator import EvaluatorPool, SoupQuery
+from psoups_ray.soup.pool import EvaluatorPool, SoupQuery
 from psoups_ray.tuning.simplex import from_cube, simplex_grid, to_cube
 
 OBJECTIVE = "objective"
@@ -162,6 +162,9 @@ def run_sweep(
             search_alg=search_alg,
             num_samples=num_samples,
             max_concurrent_trials=spec.max_concurrent_trials,
+            # A trial is one call to an evaluator actor; a fresh Ray worker process per
+            # trial (Tune's default) cost more CPU than the call on a small machine.
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=f"sweep-{sweep.key}",

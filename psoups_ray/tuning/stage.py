@@ -27,7 +27,7 @@ from psoups_ray.manifest import Manifest
 from psoups_ray.progress import log
 from psoups_ray.rundir import RunDir
 from psoups_ray.seeding import derive_seed
-from psoups_ray.soup.evaluator import SoupModels, SoupQuery, start_evaluators
+from psoups_ray.soup.pool import SoupModels, SoupQuery, start_evaluators
 from psoups_ray.tuning.pareto import (
     front_points,
     pareto_pairs,
