@@ -17,7 +17,9 @@ to float rounding).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -56,6 +58,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     config = load_config("tiny", overrides + [f"base.sft.steps={args.steps}"])
     workdir = Path(tempfile.mkdtemp(prefix="psoups-bench-"))
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)  # leave nothing in /tmp
     rundir = RunDir(str(workdir / "run"))
     job = prepare_tiny_sft(config, rundir)
     tokenizer = load_tokenizer(str(rundir.local_dir(job.tokenizer_relpath)))

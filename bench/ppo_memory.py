@@ -22,9 +22,11 @@ ratios shared / separate measured in this one run (target: memory <= 0.5, time <
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -174,6 +176,7 @@ def run_layout(layout: str, args) -> dict:
         pad_token_id=tokenizer.pad_token_id,
     )
     workdir = Path(tempfile.mkdtemp(prefix="psoups-bench-"))
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)  # leave nothing in /tmp
     base_dir, reward_dir = workdir / "base", workdir / "reward"
     LlamaForCausalLM(config).save_pretrained(base_dir)
     lora = dict(r=8, lora_alpha=16, target_modules="all-linear")

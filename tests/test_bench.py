@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,11 +18,22 @@ pytestmark = pytest.mark.integration
 
 
 def run_bench(*args: str) -> tuple[str, dict]:
-    """(stdout, the RATIOS line's JSON) of ``python bench/...`` run from the repository."""
-    result = subprocess.run(
-        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600
-    )
+    """(stdout, the RATIOS line's JSON) of ``python bench/...`` run from the repository,
+    which must leave nothing in its temporary directory."""
+    scratch = Path(tempfile.mkdtemp(prefix="psoups-test-bench-"))
+    try:
+        result = subprocess.run(
+            [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600,
+            # Ray's session directories stay where Ray keeps them (it reads TMPDIR too).
+            env={**os.environ, "TMPDIR": str(scratch),
+                 "RAY_TMPDIR": os.environ.get("RAY_TMPDIR", "/tmp")},
+        )  # fmt: skip
+        # torch keeps its compile cache there (torchinductor_<user>): not the benchmark's
+        left = sorted(p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_"))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert not left, f"the benchmark left {left} in its temporary directory"
     stdout = result.stdout
     return stdout, json.loads(stdout.split("RATIOS ", 1)[1].splitlines()[0])
 
