@@ -49,7 +49,8 @@ def preallocated_cache(model: nn.Module, capacity: int) -> DynamicCache | None:
     transformers' ``DynamicCache`` concatenates every layer's keys and values with the new
     token's at every step: a fresh tensor a little larger each time, which the allocator
     cannot reuse (on CPU each is a new memory mapping whose pages the kernel zeroes). On
-    the tiny base that was half of a decoding step (``bench/generation.py``). Here every
+    the tiny base's shape, decoding took 1.3x as long with it (3.05 s against 2.32 s for
+    32 prompts x 160 tokens, the same tokens). Here every
     full-attention layer writes into one buffer and attends to a view of its filled
     prefix: the same keys and values, so the same outputs. Other layer kinds (sliding
     windows, linear attention) keep transformers' own.
