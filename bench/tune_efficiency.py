@@ -52,7 +52,8 @@ def main() -> int:
     from psoups_ray.manifest import Manifest
     from psoups_ray.rundir import RunDir
     from psoups_ray.seeding import derive_seed
-    from psoups_ray.soup.evaluator import EvaluatorPool, SoupModels, evaluator_actor_class
+    from psoups_ray.soup.evaluator import evaluator_actor_class
+    from psoups_ray.soup.pool import EvaluatorPool, SoupModels
     from psoups_ray.tuning.search import Sweep, best_trial, objective_of, run_sweep
     from psoups_ray.tuning.simplex import simplex_grid
     from psoups_ray.tuning.stage import tune_prompts
@@ -110,7 +111,7 @@ def main() -> int:
         # The best of 66 noisy measurements is biased upward (winner's curse): measure
         # both winners again on prompts no trial saw.
         report_prompts = tune_prompts(config, rundir)[1]
-        from psoups_ray.soup.evaluator import SoupQuery
+        from psoups_ray.soup.pool import SoupQuery
 
         queries = [
             SoupQuery({p: results[name]["weights_exact"][p] for p in poles}, poles)

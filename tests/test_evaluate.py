@@ -234,7 +234,8 @@ def test_the_soups_answers_are_reproduced_in_process(evaluated):
     responses (and rewards) outside Ray."""
     from psoups_ray.evaluate.stage import evaluation_prompts
     from psoups_ray.seeding import derive_seed
-    from psoups_ray.soup.evaluator import SoupEvaluator, SoupModels
+    from psoups_ray.soup.evaluator import SoupEvaluator
+    from psoups_ray.soup.pool import SoupModels
 
     out, manifest, _ = evaluated
     config = _config()

@@ -66,7 +66,7 @@ def test_simplex_grid_enumerates_every_point_once():
 
 
 def test_evaluators_that_fit_the_cluster():
-    from psoups_ray.soup.evaluator import evaluators_that_fit
+    from psoups_ray.soup.pool import evaluators_that_fit
 
     assert evaluators_that_fit(1.0, 0.0, {"CPU": 2.0}) == 2
     assert evaluators_that_fit(2.0, 0.25, {"CPU": 16.0, "GPU": 1.0}) == 4
@@ -197,7 +197,8 @@ def test_a_trial_is_reproduced_by_the_evaluator_in_process(tune_run):
     """Trial results are real measurements: the same soup, prompts and seed give the same
     rewards outside Ray."""
     from psoups_ray.seeding import derive_seed
-    from psoups_ray.soup.evaluator import SoupEvaluator, SoupModels, SoupQuery
+    from psoups_ray.soup.evaluator import SoupEvaluator
+    from psoups_ray.soup.pool import SoupModels, SoupQuery
     from psoups_ray.tuning.stage import tune_prompts
 
     out, manifest = tune_run

@@ -24,16 +24,7 @@ import torch
 from psoups_ray.config import GenerationSpec
 from psoups_ray.errors import PsoupsError
 from psoups_ray.rundir import local_reference
-
-# Where the models are, the queries and the actor pool live in the torch-free pool module
-# (Tune trial processes import only that); they are re-exported here.
-from psoups_ray.soup.pool import (  # noqa: F401
-    EvaluatorPool,
-    SoupModels,
-    SoupQuery,
-    evaluators_that_fit,
-    start_evaluators,
-)
+from psoups_ray.soup.pool import SoupModels, SoupQuery
 
 
 class SoupEvaluator:
