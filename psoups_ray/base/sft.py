@@ -9,8 +9,6 @@ checkpoint Ray Train restored after a failure.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ from psoups_ray.config import BaseConfig
 from psoups_ray.generation import generate
 from psoups_ray.progress import log
 from psoups_ray.rundir import RunDir, local_reference
+from psoups_ray.scratch import scratch_directory
 from psoups_ray.training import (
     MicroBatchMixin,
     ProgressCallback,
@@ -111,8 +110,8 @@ def run_sft(job: SFTJob, *, under_ray: bool = False) -> dict[str, Any]:
     lines = rundir.read_text(job.data_relpath).splitlines()
     dataset = Dataset.from_list([json.loads(line) for line in lines if line.strip()])
 
-    workdir = tempfile.mkdtemp(prefix=f"psoups-{job.label}-")
-    try:
+    with scratch_directory(job.label) as scratch:
+        workdir = str(scratch)
         resume_from = restore_ray_checkpoint(workdir) if under_ray else None
         if resume_from and rank == 0:
             log(f"[{job.label}] resuming from checkpoint {Path(resume_from).name}")
@@ -159,8 +158,6 @@ def run_sft(job: SFTJob, *, under_ray: bool = False) -> dict[str, Any]:
             rundir.write_json(job.metrics_relpath, metrics)
             log(f"[{job.label}] saved model to {rundir.uri(job.output_relpath)}")
         return metrics
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _sample(model, tokenizer, job: SFTJob) -> list[str]:

@@ -13,8 +13,6 @@ and each pole's score mean/std (used to normalise scores across poles) go into
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +30,7 @@ from psoups_ray.config import BaseConfig, RewardsConfig
 from psoups_ray.errors import PsoupsError
 from psoups_ray.progress import log
 from psoups_ray.rundir import RunDir, local_reference
+from psoups_ray.scratch import scratch_directory
 from psoups_ray.seeding import derive_seed
 from psoups_ray.training import (
     MicroBatchMixin,
@@ -218,8 +217,8 @@ def run_reward_training(job: RewardJob, *, under_ray: bool = False) -> dict[str,
     model = load_reward_base(job.base_model_path, job.base)
     model.config.pad_token_id = tokenizer.pad_token_id
 
-    workdir = tempfile.mkdtemp(prefix=f"psoups-reward-{job.name}-")
-    try:
+    with scratch_directory(f"reward-{job.name}") as scratch:
+        workdir = str(scratch)
         resume_from = restore_ray_checkpoint(workdir) if under_ray else None
         if resume_from and rank == 0:
             log(f"[rewards {job.name}] resuming from checkpoint {Path(resume_from).name}")
@@ -292,8 +291,6 @@ def run_reward_training(job: RewardJob, *, under_ray: bool = False) -> dict[str,
             accuracy = ", ".join(f"{p} {s['accuracy']:.3f}" for p, s in stats.items())
             log(f"[rewards {job.name}] held-out pairwise accuracy: {accuracy}")
         return metrics
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @torch.no_grad()

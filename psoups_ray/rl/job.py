@@ -13,8 +13,6 @@ with the combination's preference prompts in the query; the single-reward baseli
 from __future__ import annotations
 
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ from psoups_ray.rl.models import RewardAdapter, SharedBasePPOModels, read_reward
 from psoups_ray.rl.ppo_math import response_mask
 from psoups_ray.rl.trainer import PPOTrainer, Query, RewardFn
 from psoups_ray.rundir import RunDir, local_reference
+from psoups_ray.scratch import scratch_directory
 from psoups_ray.seeding import derive_seed
 from psoups_ray.training import lora_kwargs, threads_for_worker, worker_node_id
 
@@ -363,14 +362,11 @@ def run_policy_training(job: PolicyJob, *, under_ray: bool = False) -> dict[str,
     if rank == 0:
         summary["eval"] = evaluate_policy(trainer, job)
         rundir = RunDir(job.run_location)
-        workdir = Path(tempfile.mkdtemp(prefix=f"psoups-policy-{job.name}-"))
-        try:
+        with scratch_directory(f"policy-{job.name}") as workdir:
             adapter_dir = workdir / "adapter"
             trainer.models.save_policy(adapter_dir)
             trainer.tokenizer.save_pretrained(str(adapter_dir))
             rundir.upload_dir(adapter_dir, job.output_relpath)
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
         rundir.write_json(job.metrics_relpath, {**summary, "history": history})
         _log_eval(job, summary["eval"])
     return summary
@@ -383,15 +379,14 @@ def _report(trainer, history, metrics, rank: int, with_checkpoint: bool) -> None
         ray.train.report(metrics)
         return
     _check_replicas_agree(trainer)
-    directory = Path(tempfile.mkdtemp(prefix="psoups-ppo-ckpt-"))
-    try:
+    with scratch_directory("ppo-checkpoint") as scratch:
+        directory = scratch / "checkpoint"  # without the scratch directory's lock file
+        directory.mkdir()
         if rank == 0:
             _save_state(trainer, history, directory)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _check_replicas_agree(trainer: PPOTrainer) -> None:

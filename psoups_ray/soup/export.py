@@ -8,7 +8,6 @@ uniform. Export as a PEFT adapter directory (``adapter``) or a merged full model
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +16,7 @@ from psoups_ray.errors import PsoupsError
 from psoups_ray.manifest import Manifest
 from psoups_ray.progress import log
 from psoups_ray.rundir import RunDir, local_reference
+from psoups_ray.scratch import scratch_directory
 from psoups_ray.soup.merge import MergeMethod, merge_adapters
 
 ExportKind = Literal["adapter", "model"]
@@ -88,8 +88,7 @@ def make_soup(
     out_path = Path(out)
     if out_path.exists() and any(out_path.iterdir()):
         raise PsoupsError(f"{out} exists and is not empty; choose a new --out")
-    workdir = Path(tempfile.mkdtemp(prefix="psoups-soup-"))
-    try:
+    with scratch_directory("soup") as workdir:
         adapter = merge_adapters(
             directories,
             combination,
@@ -108,8 +107,6 @@ def make_soup(
         from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(str(out_path))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     summary = {
         "combination": key,
         "weights": dict(zip(combination, values, strict=True)),
