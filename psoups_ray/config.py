@@ -771,12 +771,36 @@ def builtin_config_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in files.iterdir() if p.name.endswith(".yaml"))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the
+    last silently, so a section written twice would lose the first one's settings)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: the base class says so
+                    break
+                if first is not key_node.start_mark:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping",
+                        node.start_mark,
+                        f"found the key {key!r} a second time (first on line {first.line + 1}); "
+                        "give each key once",
+                        key_node.start_mark,
+                    )
+        return super().construct_mapping(node, deep=deep)
+
+
 def _safe_load(text: str) -> Any:
-    """``yaml.safe_load``, every failure a ``yaml.YAMLError``: PyYAML's constructors also raise
-    ValueError (``2001-13-01``, an int of over 4300 digits), AttributeError (``!!timestamp x``)
-    and RecursionError (``[[[...`` thousands deep)."""
+    """``yaml.safe_load`` refusing duplicate keys, every failure a ``yaml.YAMLError``: PyYAML's
+    constructors also raise ValueError (``2001-13-01``, an int of over 4300 digits),
+    AttributeError (``!!timestamp x``) and RecursionError (``[[[...`` thousands deep)."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError:
         raise
     except (ValueError, AttributeError, TypeError, RecursionError) as exc:

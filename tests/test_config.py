@@ -109,6 +109,23 @@ def test_config_file_errors(tmp_path):
     scalar.write_text("42\n")
     with pytest.raises(ConfigError, match="must hold a mapping of sections"):
         load_config(scalar)
+    # PyYAML alone keeps the last of two equal keys: the first section's settings vanish.
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("tune:\n  num_samples: 4\n  generation:\n    batch_size: 8\n"
+                     "  num_samples: 6\n")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"key 'num_samples' a second time \(first on line 2\)"):
+        load_config(twice)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("tune:\n  generation: {batch_size: 8, batch_size: 16}\n")
+    with pytest.raises(ConfigError, match="key 'batch_size' a second time"):
+        load_config(nested)
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(None, ["tune.generation={batch_size: 8, batch_size: 16}"])
+    apart = tmp_path / "apart.yaml"  # equal keys in different mappings are fine
+    apart.write_text("tune:\n  generation: {batch_size: 8}\nevaluate:\n  generation: "
+                     "{batch_size: 16}\n")  # fmt: skip
+    config = load_config(apart)
+    assert (config.tune.generation.batch_size, config.evaluate.generation.batch_size) == (8, 16)
 
 
 def test_user_space_in_yaml_and_real_model_reference(tmp_path):

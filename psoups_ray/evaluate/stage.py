@@ -271,17 +271,17 @@ def _generate(config, models, combinations, prompts, tuned_weights):
     own = [system for system in spec.systems if system not in UNPROMPTED_SYSTEMS]
     every_pole = tuple(dict.fromkeys(pole for poles in combinations for pole in poles))
     requests, labels = [], []
-    if shared:
-        queries = [system_query(s, every_pole, space, None, prompted) for s in shared]
-        seed = derive_seed(config.seed, "evaluate", "unprompted")
-        requests.append((queries, prompts, spec.generation, seed, every_pole))
-        labels.append((None, shared))
     for poles in combinations:
         key = "+".join(poles)
         queries = [system_query(s, poles, space, tuned_weights.get(key), prompted) for s in own]
         seed = derive_seed(config.seed, "evaluate", key)
         requests.append((queries, prompts, spec.generation, seed, poles))
         labels.append((key, own))
+    if shared:  # the smallest request last: the actors finish together
+        queries = [system_query(s, every_pole, space, None, prompted) for s in shared]
+        seed = derive_seed(config.seed, "evaluate", "unprompted")
+        requests.append((queries, prompts, spec.generation, seed, every_pole))
+        labels.append((None, shared))
     rows = sum(len(request[0]) for request in requests) * len(prompts)
     resources = spec.resources
     gpus = resources.gpus if resources.use_gpu else 0.0
