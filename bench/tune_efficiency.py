@@ -54,7 +54,7 @@ def main() -> int:
     from psoups_ray.seeding import derive_seed
     from psoups_ray.soup.evaluator import evaluator_actor_class
     from psoups_ray.soup.pool import EvaluatorPool, SoupModels
-    from psoups_ray.tuning.search import Sweep, best_trial, objective_of, run_sweep
+    from psoups_ray.tuning.search import Sweep, best_trial, objective_of, run_sweeps
     from psoups_ray.tuning.simplex import simplex_grid
     from psoups_ray.tuning.stage import tune_prompts
 
@@ -98,7 +98,7 @@ def main() -> int:
                     }
                 )
                 started = time.monotonic()
-                rows = run_sweep(sweep, pool, spec, storage)
+                rows = run_sweeps([sweep], pool, spec, storage)[sweep.key]
                 best = best_trial(rows)
                 results[search] = {
                     "trials": len(rows),

@@ -6,6 +6,8 @@ Stage logic stays callable without Ray; these helpers wrap it.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -114,10 +116,18 @@ def _fit(loop: bytes, resources: ScalingSpec, rundir: RunDir, stage: str, name: 
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
+    # fit() installs a SIGINT handler (in the main thread) that aborts the run; it holds
+    # the run's controller actor, which stays alive (and polls, ~400 MB) until the next
+    # fit() in this process replaces the handler. Put the previous handler back.
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
     try:
         result = trainer.fit()
     except Exception as exc:  # Ray wraps worker errors; surface the cause in one line
         raise PsoupsError(f"Ray Train run {name!r} failed: {exc}") from exc
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
     if result.error is not None:
         raise PsoupsError(f"Ray Train run {name!r} failed: {result.error}")
     return result

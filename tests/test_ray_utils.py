@@ -1,6 +1,10 @@
-"""Which of Ray Train's per-run helper actors our runs start."""
+"""Which of Ray Train's per-run helper actors our runs start, and that they go away."""
 
 from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
 
 import pytest
 from ray.train import ScalingConfig
@@ -20,7 +24,7 @@ def test_runs_skip_the_dataset_actor_and_on_our_own_cluster_the_cleaner(monkeypa
     assert ("PlacementGroupCleanerCallback" in names) == (local == "0")
 
 
-def test_runs_with_ray_datasets_keep_their_manager():
+def test_runs_with_ray_datasets_keep_their_manager(ray_cluster):  # Ray Data starts Ray
     import ray.data
 
     trainer = ray_utils._trainer_class()(
@@ -30,3 +34,35 @@ def test_runs_with_ray_datasets_keep_their_manager():
     )
     names = [type(callback).__name__ for callback in trainer._create_default_callbacks()]
     assert "DatasetsCallback" in names
+
+
+def _train_controllers() -> list[int]:
+    """Pids of this machine's Ray Train controller processes."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if cmdline.read_bytes().startswith(b"ray::TrainController"):
+                pids.append(int(cmdline.parent.name))
+        except OSError:  # the process ended meanwhile
+            pass
+    return pids
+
+
+@pytest.mark.integration
+def test_a_finished_run_leaves_no_controller_and_the_sigint_handler_is_restored(
+    ray_cluster, tmp_path
+):
+    from psoups_ray.config import ScalingSpec
+    from psoups_ray.rundir import RunDir
+
+    handler = signal.getsignal(signal.SIGINT)
+    # The loop: len(config), a no-op that workers can unpickle (a function of this test
+    # module is pickled by reference, and the module is not importable in Ray workers).
+    ray_utils.fit_torch_run(len, {}, ScalingSpec(), RunDir(tmp_path), "test", "one")
+    # Ray Train's fit() registers a handler holding the controller's actor handle; left
+    # in place, it kept each process's last controller alive (and polling) for good.
+    assert signal.getsignal(signal.SIGINT) is handler
+    deadline = time.monotonic() + 60
+    while _train_controllers() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _train_controllers() == []

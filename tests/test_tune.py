@@ -90,6 +90,60 @@ def test_a_trial_process_imports_neither_torch_nor_transformers():
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
 
 
+class _Recorder:
+    """A sub-search that hands out numbered points and records what it was told."""
+
+    def __init__(self, name: str):
+        self.name, self.count, self.completed = name, 0, []
+
+    def suggest(self, trial_id):
+        self.count += 1
+        return {"point": f"{self.name}{self.count}"}
+
+    def on_trial_result(self, trial_id, result):
+        pass
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        self.completed.append((trial_id, result))
+
+
+def test_one_search_routes_trials_to_each_combinations_own_sub_search():
+    from ray.tune.search import Searcher
+
+    from psoups_ray.tuning.search import CombinationSearch
+
+    a, b, c = _Recorder("a"), _Recorder("b"), _Recorder("c")
+    search = CombinationSearch({"A": (a, 2), "B": (b, 1), "C": (c, 2)})
+    # Round robin over combinations with no trial running.
+    assert search.suggest("t1") == {"combination": "A", "point": "a1"}
+    assert search.suggest("t2") == {"combination": "B", "point": "b1"}
+    assert search.suggest("t3") == {"combination": "C", "point": "c1"}
+    # Every combination has a trial running: a second one of a combination with budget left.
+    assert search.suggest("t4") == {"combination": "A", "point": "a2"}
+    search.on_trial_complete("t3", {"objective": 0.5})
+    assert c.completed == [("t3", {"objective": 0.5})] and not a.completed
+    assert search.suggest("t5") == {"combination": "C", "point": "c2"}
+    # Every budget is spent (A 2, B 1, C 2): Tune is told the search is over.
+    assert search.suggest("t6") == Searcher.FINISHED
+    search.on_trial_complete("t1", {"objective": 0.1})
+    search.on_trial_complete("t2", None, error=True)
+    assert a.completed == [("t1", {"objective": 0.1})] and b.completed == [("t2", None)]
+
+
+def test_a_combination_runs_two_trials_at_once_only_when_no_other_can_start():
+    from psoups_ray.tuning.search import CombinationSearch
+
+    a, b = _Recorder("a"), _Recorder("b")
+    search = CombinationSearch({"A": (a, 3), "B": (b, 1)})
+    assert search.suggest("t1")["combination"] == "A"
+    assert search.suggest("t2")["combination"] == "B"
+    search.on_trial_complete("t2", {"objective": 0.0})  # B is done; A's trial still runs
+    assert search.suggest("t3") == {"combination": "A", "point": "a2"}  # nothing else left
+    search.on_trial_complete("t1", {"objective": 0.0})
+    search.on_trial_complete("t3", {"objective": 0.0})
+    assert search.suggest("t4") == {"combination": "A", "point": "a3"}
+
+
 def test_pareto_pairs_cross_dimensions():
     space = PreferenceSpace.default()
     pairs = pareto_pairs(space)
@@ -145,10 +199,10 @@ def test_every_combination_is_tuned_by_ray_tune(tune_run):
         assert min(weights.values()) >= 0 and math.isclose(sum(weights.values()), 1.0)
         rows = _trials(out, combo)
         assert len(rows) == 3  # tune.num_samples (smoke)
-        # Optuna's first suggestion is the uniform soup (concurrent trials may start in
-        # either order).
-        uniform = [row for row in rows if row[f"weight_{poles[0]}"] == pytest.approx(0.5)]
-        assert len(uniform) == 1, rows
+        # Optuna's first suggestion is the uniform soup; a combination's trials ran one
+        # after another (four combinations for two concurrent trials).
+        assert rows[0][f"weight_{poles[0]}"] == pytest.approx(0.5), rows
+        assert all(row[f"weight_{poles[0]}"] != pytest.approx(0.5) for row in rows[1:])
         for row in rows:
             rewards = [row[f"reward_{p}"] for p in poles]
             assert row["mean_reward"] == pytest.approx(sum(rewards) / len(rewards))
@@ -161,12 +215,14 @@ def test_every_combination_is_tuned_by_ray_tune(tune_run):
         assert held_out["tuned"]["weights"] == pytest.approx(weights)
         assert held_out["uniform"]["weights"] == pytest.approx({p: 0.5 for p in poles})
         assert 0.0 <= held_out["tuned"]["success_rate"] <= 1.0
-        # Tune reused its trial processes: three trials ran in at most two (one per
-        # concurrent trial), not a fresh Ray worker process each.
-        results = list((out / "ray" / "tune" / f"sweep-{combo}").glob("*/result.json"))
-        assert len(results) == 3
-        pids = {json.loads(path.read_text().splitlines()[0])["pid"] for path in results}
-        assert len(pids) <= 2, pids
+    # One Tune experiment searched every combination and reused its trial processes:
+    # the 12 trials ran in at most two (one per concurrent trial), not a fresh Ray worker
+    # process each, nor two per combination.
+    results = list((out / "ray" / "tune" / "sweeps").glob("*/result.json"))
+    assert len(results) == 4 * 3
+    first = [json.loads(path.read_text().splitlines()[0]) for path in results]
+    assert sorted(r["config"]["combination"] for r in first) == sorted(COMBOS * 3)
+    assert len({r["pid"] for r in first}) <= 2, first
     # Two long-lived evaluators served every trial, the comparison and the Pareto sweeps:
     # the models were loaded twice in all, not once per trial.
     evaluators = section["evaluators"]

@@ -1,4 +1,5 @@
-"""Ray Tune sweeps of soup weights, one per combination, served by evaluator actors.
+"""Ray Tune search of soup weights, every combination in one experiment, served by
+evaluator actors (:class:`CombinationSearch` gives each combination its own sampler).
 
 A trial is (combination, weights on the simplex): it borrows a :class:`SoupEvaluator`
 actor from a pool, which generates on the trial prompts with the soup and scores the
@@ -15,10 +16,12 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ray.tune import Callback
+from ray.tune.search import Searcher
 
 from psoups_ray.config import GenerationSpec, TuneConfig
 from psoups_ray.errors import PsoupsError
@@ -27,6 +30,8 @@ from psoups_ray.soup.pool import EvaluatorPool, SoupQuery
 from psoups_ray.tuning.simplex import from_cube, simplex_grid, to_cube
 
 OBJECTIVE = "objective"
+COMBINATION = "combination"  # the trial config key naming the trial's combination
+EXPERIMENT = "sweeps"  # the Tune experiment of every combination, under ray/tune/
 TRIAL_MEMORY_BYTES = 2**20
 """A trial only forwards to an evaluator actor, which holds the CPUs/GPUs. Tune refuses
 trials without resources, so each asks for 1 MiB of memory: nothing is counted twice."""
@@ -55,11 +60,12 @@ def _weights_of(config: dict[str, Any], n: int) -> list[float]:
     return from_cube([config[f"u{k}"] for k in range(n - 1)])
 
 
-def soup_trial(config: dict[str, Any], pool: EvaluatorPool, sweep: Sweep) -> None:
-    """The Tune trainable: one soup measured, one result reported."""
+def soup_trial(config: dict[str, Any], pool: EvaluatorPool, sweeps: dict[str, Sweep]) -> None:
+    """The Tune trainable: one soup of one combination measured, one result reported."""
     from ray import tune
 
     started_at = time.time()
+    sweep = sweeps[config[COMBINATION]]
     weights = _weights_of(config, len(sweep.combination))
     query = SoupQuery(
         dict(zip(sweep.combination, weights, strict=True)),
@@ -97,94 +103,191 @@ def trial_metrics(combination, weights, result: dict[str, Any], objective: str) 
     return metrics
 
 
-def _param_space(spec: TuneConfig, n: int) -> tuple[dict[str, Any], Any, int]:
-    """(param_space, search_alg, num_samples) of a sweep over the n-simplex."""
-    from ray import tune
+class _GridPoints:
+    """A simplex grid as a sub-search of :class:`CombinationSearch`: its points in order."""
 
+    def __init__(self, points: list[list[float]]):
+        self.points = list(points)
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        return {"weights": self.points.pop(0)} if self.points else None
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        pass
+
+    def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+        pass
+
+
+def _sub_search(sweep: Sweep, spec: TuneConfig):
+    """(sub-search, number of trials) of one combination: Optuna's TPE over the cube that
+    maps onto the simplex, its first trial the uniform soup, or the simplex grid."""
+    n = len(sweep.combination)
     if spec.search == "grid":
         points = simplex_grid(n, spec.grid_resolution)
-        return {"weights": tune.grid_search(points)}, None, 1
-    return {f"u{k}": tune.uniform(0.0, 1.0) for k in range(n - 1)}, "optuna", spec.num_samples
+        return _GridPoints(points), len(points)
+    import optuna
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    uniform = to_cube([1.0 / n] * n)
+    # Optuna's default TPE samples its first 10 trials at random, most of a typical budget
+    # of 16; a quarter of the budget is enough to seed it on a 2-4 dimensional simplex, and
+    # the multivariate model follows the coupling of the weights.
+    sampler = optuna.samplers.TPESampler(
+        n_startup_trials=max(2, spec.num_samples // 4),
+        multivariate=True,
+        seed=sweep.seed % 2**31,
+    )
+    search = OptunaSearch(
+        space={f"u{k}": tune.uniform(0.0, 1.0) for k in range(n - 1)},
+        metric=OBJECTIVE,
+        mode="max",
+        sampler=sampler,
+        points_to_evaluate=[{f"u{k}": uniform[k] for k in range(n - 1)}],
+    )
+    return search, spec.num_samples
 
 
-def run_sweep(
-    sweep: Sweep, pool: EvaluatorPool, spec: TuneConfig, storage_path: str
-) -> list[dict[str, Any]]:
-    """One combination's Tune experiment; returns every trial's metrics (trial order)."""
+class CombinationSearch(Searcher):
+    """One Tune search algorithm over every combination: each has its own sub-search
+    (Optuna, or its simplex grid) and trial budget; a trial's config names its
+    combination (``config["combination"]``) beside the sub-search's parameters.
+
+    A suggestion goes to the next combination, round robin, that has no trial running,
+    so a combination's trials run one after another and its sampler has seen every
+    earlier result: its trials do not depend on the order other trials finish in. Only
+    when every combination with budget left has a trial running (fewer of them than
+    concurrent trials, as at the end of the search) does one get a second trial at once.
+    """
+
+    def __init__(self, searches: dict[str, tuple[Any, int]]):
+        super().__init__(metric=OBJECTIVE, mode="max")
+        self._searches = {key: search for key, (search, _) in searches.items()}
+        self._left = {key: budget for key, (_, budget) in searches.items()}
+        self._running: dict[str, set[str]] = {key: set() for key in searches}
+        self._owner: dict[str, str] = {}
+        self._next = 0
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True  # the sub-searches hold their own spaces; nothing from Tune's config
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        keys = list(self._searches)
+        if not any(self._left.values()):
+            return Searcher.FINISHED
+        for allow_running in (False, True):
+            for step in range(len(keys)):
+                key = keys[(self._next + step) % len(keys)]
+                if not self._left[key] or (self._running[key] and not allow_running):
+                    continue
+                config = self._searches[key].suggest(trial_id)
+                if config is None:
+                    continue
+                self._left[key] -= 1
+                self._running[key].add(trial_id)
+                self._owner[trial_id] = key
+                self._next = (keys.index(key) + 1) % len(keys)
+                return {COMBINATION: key, **config}
+        return None  # every combination waits for a running trial
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._owner:
+            self._searches[self._owner[trial_id]].on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+        key = self._owner.get(trial_id)
+        if key is None:
+            return
+        self._running[key].discard(trial_id)
+        self._searches[key].on_trial_complete(trial_id, result=result, error=error)
+
+
+def run_sweeps(
+    sweeps: list[Sweep],
+    pool: EvaluatorPool,
+    spec: TuneConfig,
+    storage_path: str,
+    on_combination_done: Callable[[str, list[dict[str, Any]]], None] | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """Every combination's search as one Tune experiment (``sweeps``); returns each
+    combination's trials' metrics (trial order). ``on_combination_done(key, rows)`` is
+    called as soon as a combination's last trial has reported.
+
+    One experiment instead of one per combination: Tune starts its trial processes once
+    and reuses them for every trial (measured in the tiny run: each experiment took about
+    8 s to its first result, most of it two new trial processes importing Ray Tune).
+    """
     from ray import tune
 
-    n = len(sweep.combination)
-    if n == 1:  # nothing to search: a single policy
-        result = pool.evaluate(
-            [SoupQuery({sweep.combination[0]: 1.0}, sweep.combination, sweep.preference_prompt)],
-            sweep.prompts,
-            sweep.generation,
-            sweep.seed,
-        )[0]
-        return [{"trial": 0, **trial_metrics(sweep.combination, [1.0], result, sweep.objective)}]
+    if not sweeps:
+        return {}
+    single = [sweep.key for sweep in sweeps if len(sweep.combination) < 2]
+    if single:
+        raise PsoupsError(f"nothing to tune for single poles: {', '.join(single)}")
     # Tune's default console output boxes every experiment; the callback below logs one
     # line per trial instead (the legacy reporter at verbose=0 prints nothing).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    param_space, search, num_samples = _param_space(spec, n)
-    search_alg = None
-    if search == "optuna":
-        import optuna
-        from ray.tune.search.optuna import OptunaSearch
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
-        uniform = to_cube([1.0 / n] * n)
-        # Optuna's default TPE samples its first 10 trials at random, most of a typical
-        # budget of 16; a quarter of the budget is enough to seed it on a 2-4 dimensional
-        # simplex, and the multivariate model follows the coupling of the weights.
-        sampler = optuna.samplers.TPESampler(
-            n_startup_trials=max(2, num_samples // 4),
-            multivariate=True,
-            seed=sweep.seed % 2**31,
-        )
-        search_alg = OptunaSearch(
-            metric=OBJECTIVE,
-            mode="max",
-            sampler=sampler,
-            points_to_evaluate=[{f"u{k}": uniform[k] for k in range(n - 1)}],
-        )
-    total = num_samples if search_alg else len(param_space["weights"]["grid_search"])
+    searches = {sweep.key: _sub_search(sweep, spec) for sweep in sweeps}
+    budgets = {key: budget for key, (_, budget) in searches.items()}
+    progress = _Progress(budgets, on_combination_done)
     tuner = tune.Tuner(
         tune.with_resources(
-            tune.with_parameters(soup_trial, pool=pool, sweep=sweep),
+            tune.with_parameters(
+                soup_trial, pool=pool, sweeps={sweep.key: sweep for sweep in sweeps}
+            ),
             {"memory": TRIAL_MEMORY_BYTES},
         ),
-        param_space=param_space,
         tune_config=tune.TuneConfig(
             metric=OBJECTIVE,
             mode="max",
-            search_alg=search_alg,
-            num_samples=num_samples,
+            search_alg=CombinationSearch(searches),
+            num_samples=sum(budgets.values()),
             max_concurrent_trials=spec.max_concurrent_trials,
             # A trial is one call to an evaluator actor; a fresh Ray worker process per
             # trial (Tune's default) cost more CPU than the call on a small machine.
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(
-            name=f"sweep-{sweep.key}",
+            name=EXPERIMENT,
             storage_path=storage_path,
             verbose=0,
-            callbacks=[_Progress(sweep.key, total)],
+            callbacks=[progress],
         ),
     )
     grid = tuner.fit()
     errors = [str(result.error) for result in grid if result.error is not None]
     if errors:
-        raise PsoupsError(f"tune {sweep.key}: {len(errors)} trial(s) failed: {errors[0]}")
-    rows = []
+        raise PsoupsError(f"tune: {len(errors)} trial(s) failed: {errors[0]}")
+    by_key: dict[str, list[dict[str, Any]]] = {key: [] for key in budgets}
     for result in grid:
-        metrics = {key: result.metrics[key] for key in _metric_keys(result.metrics)}
-        metrics["trial_id"] = result.metrics["trial_id"]
-        metrics["started_at"] = result.metrics["started_at"]
-        rows.append(metrics)
-    rows.sort(key=lambda row: row["started_at"])
+        by_key[result.config[COMBINATION]].append(_row(result.metrics))
+    return {key: _numbered(rows) for key, rows in by_key.items()}
+
+
+def _row(metrics: dict[str, Any]) -> dict[str, Any]:
+    row = {key: metrics[key] for key in _metric_keys(metrics)}
+    row["trial_id"] = metrics["trial_id"]
+    row["started_at"] = metrics["started_at"]
+    return row
+
+
+def _numbered(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = sorted(rows, key=lambda row: row["started_at"])
     return [{"trial": index, **row} for index, row in enumerate(rows)]
+
+
+def evaluate_single(sweep: Sweep, pool: EvaluatorPool) -> list[dict[str, Any]]:
+    """A one-pole "combination": nothing to search, its policy measured once."""
+    result = pool.evaluate(
+        [SoupQuery({sweep.combination[0]: 1.0}, sweep.combination, sweep.preference_prompt)],
+        sweep.prompts,
+        sweep.generation,
+        sweep.seed,
+    )[0]
+    return [{"trial": 0, **trial_metrics(sweep.combination, [1.0], result, sweep.objective)}]
 
 
 def _metric_keys(metrics: dict[str, Any]) -> list[str]:
@@ -206,24 +309,30 @@ def best_trial(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class _Progress(Callback):
-    """One log line per finished trial: its weights, objective and the best so far."""
+    """One log line per finished trial (its combination, weights, objective and that
+    combination's best so far); hands each combination's rows on when it is complete."""
 
-    def __init__(self, key: str, total: int):
-        self.key, self.total = key, total
-        self.done, self.best = 0, -math.inf
+    def __init__(self, budgets: dict[str, int], on_done=None):
+        self.budgets, self.on_done = budgets, on_done
+        self.rows: dict[str, list[dict[str, Any]]] = {key: [] for key in budgets}
+        self.best = dict.fromkeys(budgets, -math.inf)
         self.started = time.monotonic()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.done += 1
-        self.best = max(self.best, result[OBJECTIVE])
+        key = trial.config[COMBINATION]
+        rows = self.rows[key]
+        rows.append(_row(result))
+        self.best[key] = max(self.best[key], result[OBJECTIVE])
         weights = " ".join(
-            f"{key.removeprefix('weight_')}={value:.2f}"
-            for key, value in result.items()
-            if key.startswith("weight_")
+            f"{name.removeprefix('weight_')}={value:.2f}"
+            for name, value in result.items()
+            if name.startswith("weight_")
         )
         success = f" success {result['success_rate']:.2f}" if "success_rate" in result else ""
         log(
-            f"[tune {self.key}] trial {self.done}/{self.total}: {weights} -> objective "
-            f"{result[OBJECTIVE]:+.3f}{success} (best {self.best:+.3f}, "
+            f"[tune {key}] trial {len(rows)}/{self.budgets[key]}: {weights} -> objective "
+            f"{result[OBJECTIVE]:+.3f}{success} (best {self.best[key]:+.3f}, "
             f"{time.monotonic() - self.started:.0f}s)"
         )
+        if len(rows) == self.budgets[key] and self.on_done is not None:
+            self.on_done(key, _numbered(rows))

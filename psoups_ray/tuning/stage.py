@@ -2,9 +2,10 @@
 
 1. ``max_concurrent_trials`` evaluator actors load the base, every pole policy (mixed in
    activation space) and every reward model, once.
-2. Per combination, a Tune sweep (Optuna TPE seeded with the uniform soup, or a simplex
-   grid) over the weights; the trials borrow the actors. A combination's trials are kept
-   under ``ray/tune/`` as it finishes, so an interrupted stage resumes at the next one.
+2. One Ray Tune experiment searches the weights of every combination (per combination,
+   Optuna TPE seeded with the uniform soup, or a simplex grid); the trials borrow the
+   actors. A combination's trials are kept under ``ray/tune/results/`` as soon as its
+   last one reports, so an interrupted stage redoes only the unfinished ones.
 3. The tuned and the uniform soup of each combination are compared on further held-out
    prompts that no trial saw.
 4. Pareto sweeps for pairs of poles from different dimensions, plotted.
@@ -34,7 +35,7 @@ from psoups_ray.tuning.pareto import (
     pareto_queries,
     plot_front,
 )
-from psoups_ray.tuning.search import Sweep, best_trial, run_sweep
+from psoups_ray.tuning.search import Sweep, best_trial, evaluate_single, run_sweeps
 
 RESULTS_DIR = "ray/tune/results"  # per-combination progress, discarded when the stage is redone
 
@@ -87,29 +88,45 @@ def run_tune_stage(config: PsoupsConfig, rundir: RunDir) -> dict[str, dict[str, 
         resources = spec.resources
         gpus = resources.gpus if resources.use_gpu else 0.0
         pool = start_evaluators(models, spec.max_concurrent_trials, resources.cpus, gpus, "tune")
-        combos: dict[str, dict[str, Any]] = {}
-        tuned: dict[str, dict[str, float]] = {}
-        for index, combination in enumerate(combinations, start=1):
-            poles = tuple(combination)
-            sweep = Sweep(
-                combination=poles,
+        sweeps = [
+            Sweep(
+                combination=tuple(combination),
                 prompts=tuple(trial_prompts),
                 preference_prompt=space.preference_prompt(combination) if prompted else None,
                 generation=spec.generation,
                 seed=derive_seed(config.seed, "tune", str(combination)),
                 objective=spec.objective,
             )
-            progress = f"{RESULTS_DIR}/{sweep.key}.json"
-            if rundir.exists(progress):
-                rows = rundir.read_json(progress)
-                log(f"tune [{index}/{len(combinations)}] {sweep.key}: trials already done")
-            else:
-                log(f"tune [{index}/{len(combinations)}] {sweep.key}: {spec.search} search")
-                rows = run_sweep(sweep, pool, spec, rundir.uri("ray/tune"))
-                rundir.write_json(progress, rows)
+            for combination in combinations
+        ]
+        trials: dict[str, list[dict[str, Any]]] = {}
+        for sweep in sweeps:
+            if rundir.exists(f"{RESULTS_DIR}/{sweep.key}.json"):
+                trials[sweep.key] = rundir.read_json(f"{RESULTS_DIR}/{sweep.key}.json")
+        if trials:
+            log(f"tune: trials already done for {', '.join(trials)}")
+        for sweep in sweeps:
+            if sweep.key not in trials and len(sweep.combination) == 1:
+                trials[sweep.key] = evaluate_single(sweep, pool)  # nothing to search
+        todo = [sweep for sweep in sweeps if sweep.key not in trials]
+        if todo:
+            log(
+                f"tune: {spec.search} search of {len(todo)} combination(s) in one Ray Tune "
+                f"experiment, {spec.max_concurrent_trials} trial(s) at a time"
+            )
+
+            def keep(key: str, rows: list[dict[str, Any]]) -> None:  # resume point
+                rundir.write_json(f"{RESULTS_DIR}/{key}.json", rows)
+
+            trials.update(run_sweeps(todo, pool, spec, rundir.uri("ray/tune"), keep))
+        combos: dict[str, dict[str, Any]] = {}
+        tuned: dict[str, dict[str, float]] = {}
+        for sweep in sweeps:
+            rows = trials[sweep.key]
+            rundir.write_json(f"{RESULTS_DIR}/{sweep.key}.json", rows)
             rundir.write_csv(f"tune/{sweep.key}/trials.csv", rows)
             best = best_trial(rows)
-            tuned[sweep.key] = {pole: float(best[f"weight_{pole}"]) for pole in poles}
+            tuned[sweep.key] = {pole: float(best[f"weight_{pole}"]) for pole in sweep.combination}
             combos[sweep.key] = {
                 "trials": len(rows),
                 "trials_path": rundir.uri(f"tune/{sweep.key}/trials.csv"),
