@@ -795,7 +795,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _safe_load(text: str) -> Any:
+def safe_load_yaml(text: str) -> Any:
     """``yaml.safe_load`` refusing duplicate keys, every failure a ``yaml.YAMLError``: PyYAML's
     constructors also raise ValueError (``2001-13-01``, an int of over 4300 digits),
     AttributeError (``!!timestamp x``) and RecursionError (``[[[...`` thousands deep)."""
@@ -825,7 +825,7 @@ def _read_yaml(source: str | Path | None) -> tuple[dict[str, Any], str]:
         text = path.read_text()
         label = str(path)
     try:
-        data = _safe_load(text)
+        data = safe_load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError([f"{label} is not valid YAML: {exc}"]) from None
     if data is None:
@@ -848,7 +848,7 @@ def apply_override(data: dict[str, Any], override: str) -> str | None:
     if any(not part for part in parts):
         return f"override key {key!r} has an empty part"
     try:
-        value = _safe_load(raw_value) if raw_value.strip() else None
+        value = safe_load_yaml(raw_value) if raw_value.strip() else None
     except yaml.YAMLError as exc:
         return f"override {key}: value {raw_value!r} is not valid YAML ({exc.__class__.__name__})"
     node = data

@@ -177,6 +177,67 @@ def test_apply_override_returns_a_problem_instead_of_raising(override, data):
     assert problem is None or (isinstance(problem, str) and problem)
 
 
+# --- serve configs (psoups serve --config) -------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@st.composite
+def serve_configs_of_any_shape(draw) -> Any:
+    """The shipped serve config with one value somewhere replaced by a value of any type
+    (or the whole document replaced)."""
+    import yaml
+
+    data = yaml.safe_load((REPO / "serve_configs" / "tiny.yaml").read_text())
+    if draw(st.integers(0, 9)) == 0:
+        return draw(JSON_VALUES)
+    node, path = data, []
+    while isinstance(node, (dict, list)) and node and draw(st.booleans()):
+        key = draw(st.sampled_from(list(node) if isinstance(node, dict) else range(len(node))))
+        path.append(key)
+        node = node[key]
+    if not path:
+        return data
+    parent = data
+    for key in path[:-1]:
+        parent = parent[key]
+    parent[path[-1]] = draw(JSON_VALUES)
+    return data
+
+
+@BOUNDED
+@given(data=serve_configs_of_any_shape())
+@example(data=42)
+@example(data={"applications": "psoups"})
+@example(data={"applications": [{"import_path": "psoups_ray.serving.app:build_app",
+                                 "deployments": [{"num_replicas": 2}]}]})  # fmt: skip
+def test_any_serve_config_reads_or_is_a_clear_error(tmp_path_factory, data):
+    import yaml
+
+    from psoups_ray.serving.launch import read_serve_config
+
+    path = tmp_path_factory.mktemp("serve") / "serve.yaml"
+    path.write_text(yaml.safe_dump(data))
+    try:
+        args, deployments = read_serve_config(str(path))
+    except PsoupsError as error:
+        assert str(path) in str(error) and "Traceback" not in str(error)
+        return
+    assert isinstance(args, dict) and isinstance(deployments, dict)
+
+
+def test_a_serve_config_with_a_key_twice_is_refused(tmp_path):
+    from psoups_ray.serving.launch import read_serve_config
+
+    args, deployments = read_serve_config(str(REPO / "serve_configs" / "tiny.yaml"))
+    assert args["strategy"] == "mixing" and set(deployments) == {"SoupModel", "Ingress"}
+    text = (REPO / "serve_configs" / "tiny.yaml").read_text()
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(text.replace("      device: cpu\n", "      device: cpu\n      device: cuda\n"))
+    with pytest.raises(PsoupsError, match="key 'device' a second time"):
+        read_serve_config(str(twice))
+
+
 # --- feedback files -------------------------------------------------------------------------------
 
 FEEDBACK_COLUMNS = ["prompt", "pole", "chosen", "rejected", "user_input", "completion_a",

@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from psoups_ray.config import safe_load_yaml
 from psoups_ray.errors import PsoupsError
 from psoups_ray.progress import log
 
@@ -21,12 +22,20 @@ def read_serve_config(path: str) -> tuple[dict[str, Any], dict[str, dict[str, An
     if not file.is_file():
         raise PsoupsError(f"serve config {path} does not exist (see serve_configs/)")
     try:
-        data = yaml.safe_load(file.read_text()) or {}
+        data = safe_load_yaml(file.read_text()) or {}
     except yaml.YAMLError as exc:
         raise PsoupsError(f"serve config {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise PsoupsError(
+            f"serve config {path} must hold a mapping with an 'applications' list (as in "
+            f"serve_configs/tiny.yaml), got {type(data).__name__}"
+        )
+    applications = data.get("applications") or []
+    if not isinstance(applications, list) or not all(isinstance(a, dict) for a in applications):
+        raise PsoupsError(f"serve config {path}: 'applications' must be a list of mappings")
     apps = [
         app
-        for app in data.get("applications") or []
+        for app in applications
         if str(app.get("import_path", "")).startswith("psoups_ray.serving.app:")
     ]
     if len(apps) != 1:
@@ -34,11 +43,22 @@ def read_serve_config(path: str) -> tuple[dict[str, Any], dict[str, dict[str, An
             f"serve config {path} must hold one application with import_path "
             "psoups_ray.serving.app:build_app"
         )
+    args = apps[0].get("args") or {}
+    entries = apps[0].get("deployments") or []
+    if not isinstance(args, dict):
+        raise PsoupsError(f"serve config {path}: the application's 'args' must be a mapping")
+    if not isinstance(entries, list) or not all(
+        isinstance(entry, dict) and isinstance(entry.get("name"), str) for entry in entries
+    ):
+        raise PsoupsError(
+            f"serve config {path}: 'deployments' must be a list of mappings, each with a "
+            "'name' (the deployment it configures, as in serve_configs/tiny.yaml)"
+        )
     deployments = {}
-    for entry in apps[0].get("deployments") or []:
+    for entry in entries:
         entry = dict(entry)
         deployments[entry.pop("name")] = entry
-    return dict(apps[0].get("args") or {}), deployments
+    return dict(args), deployments
 
 
 def serve_forever(run: str, config: str | None, host: str, port: int) -> None:
