@@ -77,10 +77,14 @@ def test_the_runs_executed_concurrently(policy_run):
         for name, r in records.items()
     }
     # The runs are launched in order, baselines first, as many as the cluster holds: four
-    # at 0.5 CPU on 2 CPUs. Two poles train at the same time; the last two poles wait
-    # for a run to finish, so they start after both baselines.
-    (start_a, end_a), (start_b, end_b) = spans["P2A"], spans["P2B"]
-    assert max(start_a, start_b) < min(end_a, end_b), spans
+    # at 0.5 CPU on 2 CPUs. Poles train at the same time (which two depends on how fast
+    # each run's worker starts: a smoke run trains for about 12 s, and worker start-up
+    # under load varies by more); the last two poles wait for a run to finish, so they
+    # start after both baselines.
+    poles = [spans[pole] for pole in ("P2A", "P2B", "P3A", "P3B")]
+    assert any(
+        max(a[0], b[0]) < min(a[1], b[1]) for i, a in enumerate(poles) for b in poles[i + 1 :]
+    ), spans
     baselines_started = max(spans["baseline pmorl"][0], spans["baseline rlhf"][0])
     assert all(baselines_started < spans[pole][0] for pole in ("P3A", "P3B")), spans
     # Ray starts worker processes a few at a time, so later launches may begin as the first
@@ -164,12 +168,16 @@ def test_ppo_step_trains_only_the_adapters_and_scores_like_the_reward_models(pol
 
 
 def _live_train_workers() -> list[int]:
-    from ray.util.state import list_actors
-
-    actors = list_actors(
-        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], limit=100
-    )
-    return [actor.pid for actor in actors if actor.pid]
+    """Pids of this machine's Ray Train worker processes (from /proc: Ray's state API
+    needs the dashboard, which the tiny config does not start)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if cmdline.read_bytes().startswith(b"ray::RayTrainWorker"):
+                pids.append(int(cmdline.parent.name))
+        except OSError:  # the process ended meanwhile
+            pass
+    return sorted(pids)
 
 
 def test_killed_worker_resumes_from_its_checkpoint(policy_run, tmp_path):
