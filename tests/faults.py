@@ -11,18 +11,24 @@ from pathlib import Path
 from psoups_ray.training import checkpoint_step
 
 
-def train_workers_of(process_id: int) -> list[int]:
-    """PIDs of the Ray Train workers among a process's descendants (its own Ray cluster)."""
+def ray_processes_of(process_id: int, title: str) -> list[int]:
+    """PIDs of the Ray processes titled ``title`` (e.g. ``ray::TrainController``) among a
+    process's descendants: a local cluster started by ``ray.init`` descends from it."""
     import psutil
 
-    workers = []
+    found = []
     for child in psutil.Process(process_id).children(recursive=True):
         try:
-            if " ".join(child.cmdline()).startswith("ray::RayTrainWorker"):
-                workers.append(child.pid)
+            if " ".join(child.cmdline()).startswith(title):
+                found.append(child.pid)
         except psutil.Error:  # exited meanwhile
             continue
-    return workers
+    return found
+
+
+def train_workers_of(process_id: int) -> list[int]:
+    """PIDs of the Ray Train workers among a process's descendants (its own Ray cluster)."""
+    return ray_processes_of(process_id, "ray::RayTrainWorker")
 
 
 def checkpoint_steps(run: Path, stage: str) -> dict[str, int]:

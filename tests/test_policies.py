@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from faults import checkpoint_steps
+from faults import checkpoint_steps, train_workers_of
 
 from psoups_ray.manifest import Manifest
 from psoups_ray.pipeline import run_pipeline
@@ -167,19 +167,6 @@ def test_ppo_step_trains_only_the_adapters_and_scores_like_the_reward_models(pol
             assert torch.equal(parameter, rewards_before[name]), name
 
 
-def _live_train_workers() -> list[int]:
-    """Pids of this machine's Ray Train worker processes (from /proc: Ray's state API
-    needs the dashboard, which the tiny config does not start)."""
-    pids = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if cmdline.read_bytes().startswith(b"ray::RayTrainWorker"):
-                pids.append(int(cmdline.parent.name))
-        except OSError:  # the process ended meanwhile
-            pass
-    return sorted(pids)
-
-
 def test_killed_worker_resumes_from_its_checkpoint(policy_run, tmp_path):
     source, _ = policy_run
     out = tmp_path / "run"
@@ -212,7 +199,7 @@ def test_killed_worker_resumes_from_its_checkpoint(policy_run, tmp_path):
         if all(snapshot.is_file() for snapshot in snapshots):
             break  # every run holds a registered checkpoint (iteration 2 or later)
         time.sleep(0.2)
-    workers = _live_train_workers()
+    workers = train_workers_of(os.getpid())  # the cluster this process started
     assert workers, "no training worker to kill"
     newest = checkpoint_steps(out, "policies")
     os.kill(workers[0], signal.SIGKILL)

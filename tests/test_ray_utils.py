@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
+from faults import ray_processes_of
 from ray.train import ScalingConfig
 
 from psoups_ray import ray_utils
@@ -36,24 +37,15 @@ def test_runs_with_ray_datasets_keep_their_manager(ray_cluster):  # Ray Data sta
     assert "DatasetsCallback" in names
 
 
-def _train_controllers() -> list[int]:
-    """Pids of this machine's Ray Train controller processes."""
-    pids = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if cmdline.read_bytes().startswith(b"ray::TrainController"):
-                pids.append(int(cmdline.parent.name))
-        except OSError:  # the process ended meanwhile
-            pass
-    return pids
-
-
 @pytest.mark.integration
 def test_a_finished_run_leaves_no_controller_and_the_sigint_handler_is_restored(
     ray_cluster, tmp_path
 ):
     from psoups_ray.config import ScalingSpec
     from psoups_ray.rundir import RunDir
+
+    def controllers() -> list[int]:  # of the cluster this process started
+        return ray_processes_of(os.getpid(), "ray::TrainController")
 
     handler = signal.getsignal(signal.SIGINT)
     # The loop: len(config), a no-op that workers can unpickle (a function of this test
@@ -63,6 +55,6 @@ def test_a_finished_run_leaves_no_controller_and_the_sigint_handler_is_restored(
     # in place, it kept each process's last controller alive (and polling) for good.
     assert signal.getsignal(signal.SIGINT) is handler
     deadline = time.monotonic() + 60
-    while _train_controllers() and time.monotonic() < deadline:
+    while controllers() and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert _train_controllers() == []
+    assert controllers() == []

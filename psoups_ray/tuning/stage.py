@@ -100,6 +100,11 @@ def run_tune_stage(config: PsoupsConfig, rundir: RunDir) -> dict[str, dict[str, 
             for combination in combinations
         ]
         trials: dict[str, list[dict[str, Any]]] = {}
+
+        def keep(key: str, rows: list[dict[str, Any]]) -> None:  # the resume point
+            trials[key] = rows
+            rundir.write_json(f"{RESULTS_DIR}/{key}.json", rows)
+
         for sweep in sweeps:
             if rundir.exists(f"{RESULTS_DIR}/{sweep.key}.json"):
                 trials[sweep.key] = rundir.read_json(f"{RESULTS_DIR}/{sweep.key}.json")
@@ -107,23 +112,18 @@ def run_tune_stage(config: PsoupsConfig, rundir: RunDir) -> dict[str, dict[str, 
             log(f"tune: trials already done for {', '.join(trials)}")
         for sweep in sweeps:
             if sweep.key not in trials and len(sweep.combination) == 1:
-                trials[sweep.key] = evaluate_single(sweep, pool)  # nothing to search
+                keep(sweep.key, evaluate_single(sweep, pool))  # nothing to search
         todo = [sweep for sweep in sweeps if sweep.key not in trials]
         if todo:
             log(
                 f"tune: {spec.search} search of {len(todo)} combination(s) in one Ray Tune "
                 f"experiment, {spec.max_concurrent_trials} trial(s) at a time"
             )
-
-            def keep(key: str, rows: list[dict[str, Any]]) -> None:  # resume point
-                rundir.write_json(f"{RESULTS_DIR}/{key}.json", rows)
-
             trials.update(run_sweeps(todo, pool, spec, rundir.uri("ray/tune"), keep))
         combos: dict[str, dict[str, Any]] = {}
         tuned: dict[str, dict[str, float]] = {}
         for sweep in sweeps:
             rows = trials[sweep.key]
-            rundir.write_json(f"{RESULTS_DIR}/{sweep.key}.json", rows)
             rundir.write_csv(f"tune/{sweep.key}/trials.csv", rows)
             best = best_trial(rows)
             tuned[sweep.key] = {pole: float(best[f"weight_{pole}"]) for pole in sweep.combination}
