@@ -5,7 +5,9 @@ sampling, each row stopping at its EOS. It draws from torch's global generator e
 ``transformers``' ``generate(do_sample=True)`` does with those settings (same processors,
 same order, one ``multinomial`` per step), so a seed gives the same tokens, but without
 ``generate``'s per-step machinery: on a small model that machinery, not the model, was
-most of a decoding step (``bench/generation.py``). Settings a model's own generation
+most of a decoding step (``bench/generation.py``). Rows that have finished leave the
+batch the model computes (:func:`sample_tokens`, ``compact``), so a batch whose responses
+differ in length does not pay for its longest one on every row. Settings a model's own generation
 config may carry beyond these (repetition penalty and the like) are not applied: PPO's
 log-probabilities assume the plain tempered distribution.
 """
@@ -103,6 +105,23 @@ class GrowingLayer(DynamicLayer):
         super().reset()
         self.length = 0
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep only the rows ``index`` (1-D) of the batch, in that order."""
+        if not self.is_initialized:
+            return
+        keys = self._keys.new_empty((len(index), *self._keys.shape[1:]))
+        values = self._values.new_empty((len(index), *self._values.shape[1:]))
+        keys[:, :, : self.length] = self._keys[index, :, : self.length]
+        values[:, :, : self.length] = self._values[index, :, : self.length]
+        self._keys, self._values = keys, values
+        self.keys, self.values = keys[:, :, : self.length], values[:, :, : self.length]
+
+
+def can_select_rows(cache) -> bool:
+    """Whether every layer of ``cache`` can drop rows (:meth:`GrowingLayer.select_rows`)."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(isinstance(layer, GrowingLayer) for layer in layers)
+
 
 def _grown(buffer: torch.Tensor, filled: int, size: int) -> torch.Tensor:
     """``buffer`` (B, H, L, D) with room for ``size`` positions, its first ``filled`` kept."""
@@ -184,12 +203,24 @@ def sample_tokens(
     top_k: int = 0,
     eos_token_id: int | Sequence[int] | None,
     pad_token_id: int | None,
+    compact: bool = True,
+    on_compact: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Sample continuations of left-padded prompts: (B, L) -> new tokens (B, T).
 
     T <= ``max_new_tokens``: decoding stops when every row has emitted an EOS; a finished
     row continues with ``pad_token_id`` (EOS when there is none). ``top_k=0`` and
     ``top_p=1`` sample the full tempered distribution. Uses torch's global generator.
+
+    ``compact``: once a quarter of the rows the model computes have finished, they leave
+    that batch (their keys and values are dropped from the cache), so later steps cost
+    what the rows still decoding cost. The tokens are the same: the step's draw is made
+    for the whole batch, and a ``multinomial`` draw of one row does not depend on the
+    other rows' probabilities (it takes one exponential variate per entry of the (B, V)
+    table, whatever the values). Models whose cache cannot drop rows (other layer kinds,
+    remote code) decode every row to the end. ``on_compact(index)``: called with the rows
+    kept (indices into the batch computed so far, in order) for callers holding per-row
+    state of their own, such as a soup's per-row mixing weights.
     """
     from psoups_ray.rl.models import position_ids_for
 
@@ -210,6 +241,8 @@ def sample_tokens(
     # Keys and values grow in place in one buffer per layer; a model that takes no Cache
     # objects makes its own on the first call.
     cache = preallocated_cache(model, input_ids.shape[1] + max_new_tokens)
+    compact = compact and bool(eos) and can_select_rows(cache)
+    rows = torch.arange(batch, device=input_ids.device)  # the rows the model computes
     inputs = input_ids
     chosen: list[torch.Tensor] = []
     for step in range(max_new_tokens):
@@ -224,8 +257,13 @@ def sample_tokens(
         )
         if cache is None:
             cache = returned_cache(output)
-        logits = output.logits[:, -1, :].to(dtype=torch.float32)  # (B, V)
+        logits = output.logits[:, -1, :].to(dtype=torch.float32)  # (b, V)
         probs = sampling_probabilities(logits, temperature, top_k, top_p)
+        if len(rows) < batch:  # rows that left: any distribution, their token is padding
+            computed = probs
+            probs = computed.new_zeros((batch, computed.shape[1]))
+            probs[:, pad] = 1.0
+            probs[rows] = computed
         tokens = torch.multinomial(probs, num_samples=1).squeeze(1)  # (B,)
         tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad))
         chosen.append(tokens)
@@ -233,8 +271,17 @@ def sample_tokens(
             unfinished &= ~torch.isin(tokens, eos_ids)
             if not bool(unfinished.any()):
                 break
-        inputs = tokens.unsqueeze(1)  # (B, 1)
         positions = positions[:, -1:] + 1
+        if compact:
+            still = unfinished[rows]  # (b,)
+            if int((~still).sum()) * 4 >= len(rows):
+                keep = still.nonzero().squeeze(1)
+                for layer in cache.layers:
+                    layer.select_rows(keep)
+                rows, mask, positions = rows[keep], mask[keep], positions[keep]
+                if on_compact is not None:
+                    on_compact(keep)
+        inputs = tokens[rows].unsqueeze(1)  # (b, 1)
     return torch.stack(chosen, dim=1)  # (B, T)
 
 
@@ -246,11 +293,13 @@ def generate(
     spec: GenerationSpec,
     seed: int = 0,
     on_batch: Callable[[int, int], None] | None = None,
+    on_compact: Callable[[torch.Tensor], None] | None = None,
 ) -> list[str]:
     """Sample one response per (already formatted) prompt; returns the decoded responses.
 
     Sampling: ``spec``'s temperature and top-p, and the model's top-k (:func:`default_top_k`).
-    ``on_batch(done, total)`` is called after each batch, for progress display.
+    ``on_batch(done, total)`` is called after each batch, for progress display;
+    ``on_compact``: see :func:`sample_tokens`.
     """
     was_training = model.training
     model.eval()
@@ -288,6 +337,7 @@ def generate(
                 top_k=top_k,
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
+                on_compact=on_compact,
             )  # (batch, new_tokens)
             responses.extend(
                 text.strip()

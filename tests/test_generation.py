@@ -121,6 +121,52 @@ def test_rows_stop_at_eos_and_decoding_ends_when_every_row_has():
     assert len(set(ends)) > 1
 
 
+def _eos_prone_model() -> LlamaForCausalLM:
+    """The tiny model with an EOS bias of 1.5: rows finish at many different steps."""
+    model = tiny_model()
+    head = torch.nn.Linear(32, 48)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[EOS] = 1.5
+    model.lm_head = head
+    return model
+
+
+@pytest.mark.parametrize("settings", [{"top_k": 0, "top_p": 1.0}, {"top_k": 10, "top_p": 0.8}])
+def test_finished_rows_leave_the_batch_and_every_row_draws_the_same_tokens(settings):
+    model = _eos_prone_model()
+    torch.manual_seed(8)
+    ids = torch.randint(2, 48, (16, 5))
+    mask = torch.ones_like(ids)
+    ids[::3, :2], mask[::3, :2] = PAD, 0  # some left padding
+    batch_sizes: list[int] = []
+    model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]),
+        with_kwargs=True,
+    )
+    kept: list[torch.Tensor] = []
+    run = dict(max_new_tokens=60, temperature=1.0, eos_token_id=EOS, pad_token_id=PAD, **settings)
+    torch.manual_seed(21)
+    compacted = sample_tokens(model, ids, mask, on_compact=kept.append, **run)
+    compacted_sizes, batch_sizes[:] = list(batch_sizes), []
+    torch.manual_seed(21)
+    every_row = sample_tokens(model, ids, mask, compact=False, **run)
+    assert torch.equal(compacted, every_row)
+    assert set(batch_sizes) == {16}
+    # The model computed fewer rows as they finished: at least a quarter leave at a time.
+    assert compacted_sizes[0] == 16 and compacted_sizes[-1] < 8
+    assert compacted_sizes == sorted(compacted_sizes, reverse=True)
+    assert len(kept) >= 2
+    for before, after, index in zip(
+        sorted(set(compacted_sizes), reverse=True),
+        sorted(set(compacted_sizes), reverse=True)[1:],
+        kept,
+        strict=False,
+    ):
+        assert len(index) == after and bool((index < before).all())
+
+
 def test_top_k_and_top_p_keep_the_most_likely_tokens():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
     probs = sampling_probabilities(logits, 1.0, top_k=2)

@@ -90,6 +90,38 @@ def test_a_mixed_batch_equals_its_rows_run_separately(world):
         assert torch.allclose(together[index], alone[0], atol=1e-5)
 
 
+def test_a_mixed_batch_samples_the_same_tokens_when_finished_rows_leave_it(world):
+    from psoups_ray.generation import sample_tokens
+
+    root, directories = world
+    adapters = [read_lora_adapter(d, n) for d, n in zip(directories, NAMES, strict=True)]
+    model = _base(root)
+    mixer = attach_mixing(model, adapters)
+    torch.manual_seed(3)
+    rows = torch.rand(12, 3)  # every row its own soup
+    ids = torch.randint(2, 64, (12, 4))
+    run = dict(max_new_tokens=40, temperature=1.0, eos_token_id=[5, 6, 7], pad_token_id=0)
+    kept = []
+    results = []
+    for compact in (True, False):
+        with mixer.weights(rows):
+            torch.manual_seed(9)
+            results.append(
+                sample_tokens(
+                    model,
+                    ids,
+                    torch.ones_like(ids),
+                    compact=compact,
+                    on_compact=lambda index: (kept.append(index), mixer.select_rows(index)),
+                    **run,
+                )  # fmt: skip
+            )
+    assert kept, "no row finished early: the test does not exercise compaction"
+    assert torch.equal(results[0], results[1])
+    # Outside the block the mixer holds no weights: nothing left narrowed.
+    assert torch.allclose(_logits(model, IDS), _logits(_base(root), IDS), atol=1e-6)
+
+
 def test_adapters_no_row_weighs_are_skipped_exactly_and_nesting_restores(world):
     root, directories = world
     adapters = [read_lora_adapter(d, n) for d, n in zip(directories, NAMES, strict=True)]

@@ -118,7 +118,14 @@ class SoupEvaluator:
                 ]
                 with self.mixer.weights(weights[[q for q, _ in chunk]].to(self.device)):
                     texts.extend(
-                        generate(self.lm, self.tokenizer, formatted, spec, seed=seed + batch)
+                        generate(
+                            self.lm,
+                            self.tokenizer,
+                            formatted,
+                            spec,
+                            seed=seed + batch,
+                            on_compact=self.mixer.select_rows,
+                        )
                     )
         return [texts[q * len(prompts) : (q + 1) * len(prompts)] for q in range(len(queries))]
 

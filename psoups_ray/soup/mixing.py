@@ -147,6 +147,14 @@ class Mixer:
         finally:
             self._state.set(*previous)
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Inside a :meth:`weights` block with per-row weights: keep the rows ``index``
+        (the batch dropped the others, e.g. finished rows during decoding)."""
+        state = self._state
+        if state.weights is None or state.broadcast:
+            return
+        state.set(state.weights[index.to(state.weights.device)], broadcast=False)
+
 
 def attach_mixing(model: nn.Module, adapters: Sequence[LoraAdapter]) -> Mixer:
     """Replace every linear layer any adapter targets by a :class:`LoraMixingLinear`.
