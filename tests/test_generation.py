@@ -98,14 +98,20 @@ def test_the_cache_grows_in_place_and_holds_what_transformers_cache_holds(monkey
     assert torch.equal(with_growing, with_dynamic)
 
 
-def test_rows_stop_at_eos_and_decoding_ends_when_every_row_has():
+def eos_prone_model(eos_bias: float) -> LlamaForCausalLM:
+    """The tiny model with a bias towards EOS: rows finish at different steps."""
     model = tiny_model()
-    head = torch.nn.Linear(32, 48)  # with a bias: EOS likely, rows finish at different steps
+    head = torch.nn.Linear(32, 48)
     with torch.no_grad():
         head.weight.copy_(model.lm_head.weight)
         head.bias.zero_()
-        head.bias[EOS] = 2.0
+        head.bias[EOS] = eos_bias
     model.lm_head = head
+    return model
+
+
+def test_rows_stop_at_eos_and_decoding_ends_when_every_row_has():
+    model = eos_prone_model(2.0)
     ids, mask = prompts()
     torch.manual_seed(3)
     tokens = sample_tokens(
@@ -121,21 +127,9 @@ def test_rows_stop_at_eos_and_decoding_ends_when_every_row_has():
     assert len(set(ends)) > 1
 
 
-def _eos_prone_model() -> LlamaForCausalLM:
-    """The tiny model with an EOS bias of 1.5: rows finish at many different steps."""
-    model = tiny_model()
-    head = torch.nn.Linear(32, 48)
-    with torch.no_grad():
-        head.weight.copy_(model.lm_head.weight)
-        head.bias.zero_()
-        head.bias[EOS] = 1.5
-    model.lm_head = head
-    return model
-
-
 @pytest.mark.parametrize("settings", [{"top_k": 0, "top_p": 1.0}, {"top_k": 10, "top_p": 0.8}])
 def test_finished_rows_leave_the_batch_and_every_row_draws_the_same_tokens(settings):
-    model = _eos_prone_model()
+    model = eos_prone_model(1.5)
     torch.manual_seed(8)
     ids = torch.randint(2, 48, (16, 5))
     mask = torch.ones_like(ids)
@@ -158,12 +152,8 @@ def test_finished_rows_leave_the_batch_and_every_row_draws_the_same_tokens(setti
     assert compacted_sizes[0] == 16 and compacted_sizes[-1] < 8
     assert compacted_sizes == sorted(compacted_sizes, reverse=True)
     assert len(kept) >= 2
-    for before, after, index in zip(
-        sorted(set(compacted_sizes), reverse=True),
-        sorted(set(compacted_sizes), reverse=True)[1:],
-        kept,
-        strict=False,
-    ):
+    sizes = sorted(set(compacted_sizes), reverse=True)
+    for before, after, index in zip(sizes, sizes[1:], kept, strict=False):
         assert len(index) == after and bool((index < before).all())
 
 

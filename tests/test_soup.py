@@ -114,7 +114,7 @@ def test_a_mixed_batch_samples_the_same_tokens_when_finished_rows_leave_it(world
                     compact=compact,
                     on_compact=lambda index: (kept.append(index), mixer.select_rows(index)),
                     **run,
-                )  # fmt: skip
+                )
             )
     assert kept, "no row finished early: the test does not exercise compaction"
     assert torch.equal(results[0], results[1])
