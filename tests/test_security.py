@@ -98,14 +98,20 @@ def test_no_artifact_is_unpickled():
 
 # --- no remote code -----------------------------------------------------------------------------
 
-# Loaders that pass nothing and so run with transformers' default (False): safe, but a model
-# that needs remote code cannot be merged or exported. Pass the run's base.trust_remote_code
-# there, then delete the entry.
-KNOWN_GAPS = {
-    "soup/export.py: AutoTokenizer.from_pretrained",
-    "soup/export.py: AutoModelForCausalLM.from_pretrained",
-    "soup/merge.py: AutoModelForCausalLM.from_pretrained",
-}
+# The package's own loaders, and the position of their trust_remote_code argument.
+WRAPPERS = {"load_tokenizer": 2, "load_causal_lm": 3}
+
+
+def remote_code_argument(call: ast.Call, name: str) -> ast.expr | None:
+    """What a loader call passes as trust_remote_code: the keyword, the positional argument
+    of the package's wrappers, or a ``**options`` expansion (load_options' dict)."""
+    value = keyword(call, "trust_remote_code")
+    if value is not None:
+        return value
+    position = WRAPPERS.get(name.rpartition(".")[2])
+    if position is not None and len(call.args) > position:
+        return call.args[position]
+    return next((k.value for k in call.keywords if k.arg is None), None)
 
 
 def test_trust_remote_code_is_off_unless_the_config_turns_it_on():
@@ -118,22 +124,25 @@ def test_trust_remote_code_is_off_unless_the_config_turns_it_on():
         assert inspect.signature(loader).parameters["trust_remote_code"].default is False
 
 
-def test_every_transformers_loader_passes_the_configs_trust_remote_code():
-    gaps, loaders = set(), 0
+def test_every_model_and_tokenizer_loader_passes_the_configs_trust_remote_code():
+    """Every ``Auto*.from_pretrained`` and every call of the package's own loaders, in
+    every stage: a model with its own code must load wherever the run loads its base."""
+    gaps, loaders = [], 0
     for file, call in package_calls():
         name = dotted(call.func)
-        if not (name.startswith("Auto") and name.endswith(".from_pretrained")):
+        is_auto = name.startswith("Auto") and name.endswith(".from_pretrained")
+        if not (is_auto or name.rpartition(".")[2] in WRAPPERS):
             continue  # PeftModel.from_pretrained reads an adapter config: it runs no code
         loaders += 1
-        value = keyword(call, "trust_remote_code")
+        value = remote_code_argument(call, name)
         if value is None:
-            gaps.add(f"{file}: {name}")
+            gaps.append(f"{where(file, call)}: {name}")
         else:
             assert not isinstance(value, ast.Constant), (
                 f"{where(file, call)}: trust_remote_code must come from the config, not a literal"
             )
-    assert loaders >= 4, "the scan found too few from_pretrained calls: it is broken"
-    assert gaps == KNOWN_GAPS, "a loader ignores base.trust_remote_code (or a gap was fixed)"
+    assert loaders >= 15, "the scan found too few loader calls: it is broken"
+    assert not gaps, "loaders ignoring base.trust_remote_code:\n" + "\n".join(gaps)
 
 
 # --- secrets ------------------------------------------------------------------------------------

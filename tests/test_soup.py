@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from psoups_ray.base.model import load_causal_lm, load_options
+from psoups_ray.config import BaseConfig
 from psoups_ray.errors import PsoupsError
 from psoups_ray.soup.adapters import read_lora_adapter
+from psoups_ray.soup.export import export_model
 from psoups_ray.soup.merge import check_weights, merge_adapters, merge_into_model
 from psoups_ray.soup.mixing import attach_mixing
 
@@ -218,6 +222,75 @@ def test_peft_merge_methods_write_loadable_adapters(world, tmp_path, method):
     )
     soup = PeftModel.from_pretrained(_base(root), out).eval()
     assert not torch.allclose(_logits(soup, IDS), _logits(_base(root), IDS))
+
+
+REMOTE_CONFIG = """from transformers import LlamaConfig
+
+
+class RemoteLlamaConfig(LlamaConfig):
+    model_type = "remote_llama"
+"""
+REMOTE_MODEL = """from transformers import LlamaForCausalLM
+
+from .configuration_remote import RemoteLlamaConfig
+
+
+class RemoteLlamaForCausalLM(LlamaForCausalLM):
+    config_class = RemoteLlamaConfig
+"""
+
+
+def _remote_code_base(root) -> str:
+    """The world's base saved as a model with its own modelling code (``auto_map``)."""
+    directory = root / "remote-base"
+    if not directory.exists():
+        _base(root).save_pretrained(directory)
+        (directory / "configuration_remote.py").write_text(REMOTE_CONFIG)
+        (directory / "modeling_remote.py").write_text(REMOTE_MODEL)
+        config = json.loads((directory / "config.json").read_text())
+        config["model_type"] = "remote_llama"
+        config["auto_map"] = {
+            "AutoConfig": "configuration_remote.RemoteLlamaConfig",
+            "AutoModelForCausalLM": "modeling_remote.RemoteLlamaForCausalLM",
+        }
+        (directory / "config.json").write_text(json.dumps(config))
+    return str(directory)
+
+
+def test_a_base_with_its_own_code_is_merged_and_exported_only_when_the_run_trusts_it(
+    world, tmp_path
+):
+    root, directories = world
+    remote = _remote_code_base(root)
+    trusted = load_options({"dtype": "float32", "trust_remote_code": True})
+    untrusted = load_options({"dtype": "float32"})  # a manifest's base section without it
+    assert untrusted == {"revision": None, "trust_remote_code": False}
+    assert load_options(BaseConfig(revision="v1", trust_remote_code=True)) == {
+        "revision": "v1",
+        "trust_remote_code": True,
+    }
+    with pytest.raises(PsoupsError, match="trust_remote_code"):
+        load_causal_lm(remote, **untrusted)
+    model = load_causal_lm(remote, **trusted)
+    assert type(model).__name__ == "RemoteLlamaForCausalLM"
+
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        merge_adapters(
+            directories[:2], NAMES[:2], [0.5, 0.5], "ties", tmp_path / "no", base_model_path=remote
+        )
+    adapter = merge_adapters(
+        directories[:2],
+        NAMES[:2],
+        [0.5, 0.5],
+        "ties",
+        tmp_path / "ties",
+        base_model_path=remote,
+        load_options=trusted,
+    )
+    export_model(remote, adapter, tmp_path / "merged", trusted)
+    exported = load_causal_lm(str(tmp_path / "merged"), **trusted)
+    soup = PeftModel.from_pretrained(_base(root), adapter).eval()
+    assert torch.allclose(_logits(exported.eval(), IDS), _logits(soup, IDS), atol=1e-5)
 
 
 def test_weights_are_validated():

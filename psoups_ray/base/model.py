@@ -4,7 +4,9 @@ the directory of an installed package, a GGUF file inside any of them)."""
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -116,6 +118,25 @@ def build_tiny_model(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
+
+
+def load_options(base: BaseConfig | Mapping[str, Any] | None) -> dict[str, Any]:
+    """``revision`` and ``trust_remote_code`` of a run's base, for every ``from_pretrained``
+    of its model or tokenizer after the base stage (policies, soups, serving, export).
+
+    ``base`` is the config's ``base`` section, or its dump in a run's manifest. A local
+    directory (the run's SFT'd copy) ignores ``revision``; a hub id keeps the pinned one.
+    A model with its own modelling code needs ``trust_remote_code`` wherever it is loaded,
+    its saved copy in the run directory too.
+    """
+    if base is None:
+        return {"revision": None, "trust_remote_code": False}
+    if isinstance(base, BaseConfig):
+        return {"revision": base.revision, "trust_remote_code": base.trust_remote_code}
+    return {
+        "revision": base.get("revision"),
+        "trust_remote_code": bool(base.get("trust_remote_code", False)),
+    }
 
 
 def load_tokenizer(

@@ -19,7 +19,7 @@ from datasets import Dataset
 from transformers import PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from psoups_ray.base.model import build_tiny_model, load_causal_lm, load_tokenizer
+from psoups_ray.base.model import build_tiny_model, load_causal_lm, load_options, load_tokenizer
 from psoups_ray.config import BaseConfig
 from psoups_ray.generation import generate
 from psoups_ray.progress import log
@@ -97,7 +97,10 @@ def run_sft(job: SFTJob, *, under_ray: bool = False) -> dict[str, Any]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
 
-    tokenizer = load_tokenizer(str(rundir.local_dir(job.tokenizer_relpath)))
+    tokenizer = load_tokenizer(
+        str(rundir.local_dir(job.tokenizer_relpath)),
+        trust_remote_code=load_options(job.base)["trust_remote_code"],
+    )
     if job.init_from is None:
         model = build_tiny_model(job.base.tiny, tokenizer, seed=job.seed)
     else:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from peft import PeftModel
 
-from psoups_ray.base.model import load_tokenizer
+from psoups_ray.base.model import load_options, load_tokenizer
 from psoups_ray.config import BaseConfig
 from psoups_ray.errors import PsoupsError
 from psoups_ray.manifest import Manifest
@@ -51,7 +51,7 @@ class RewardScorer:
             raise PsoupsError("the run has no reward models; run the rewards stage first")
         self.batch_size = batch_size
         self.preference_prompts = dict(preference_prompts)
-        self.tokenizer = load_tokenizer(local_reference(tokenizer_path))
+        self.tokenizer = load_tokenizer(local_reference(tokenizer_path), **load_options(base))
         base_model = load_reward_base(base_model_path, base)
         base_model.config.pad_token_id = self.tokenizer.pad_token_id
         self._adapter_of: dict[str, str] = {}

@@ -25,7 +25,7 @@ from peft import LoraConfig, TaskType
 from transformers import AutoModelForSequenceClassification, PrinterCallback, TrainerCallback
 from trl import RewardConfig, RewardTrainer
 
-from psoups_ray.base.model import DTYPES, load_tokenizer
+from psoups_ray.base.model import DTYPES, load_options, load_tokenizer
 from psoups_ray.config import BaseConfig, RewardsConfig
 from psoups_ray.errors import PsoupsError
 from psoups_ray.progress import log
@@ -210,7 +210,7 @@ def run_reward_training(job: RewardJob, *, under_ray: bool = False) -> dict[str,
     if torch.distributed.is_initialized():
         rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     spec = job.rewards
-    tokenizer = load_tokenizer(local_reference(job.tokenizer_path))
+    tokenizer = load_tokenizer(local_reference(job.tokenizer_path), **load_options(job.base))
     train_rows = _rows(job, tokenizer, "train")
     eval_rows = _rows(job, tokenizer, "eval")
     torch.manual_seed(derive_seed(job.seed, job.name, "init"))  # the score head's init

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from psoups_ray.base.model import DTYPES, load_causal_lm, load_tokenizer
+from psoups_ray.base.model import DTYPES, load_causal_lm, load_options, load_tokenizer
 from psoups_ray.config import BaseConfig, PolicyConfig
 from psoups_ray.errors import PsoupsError
 from psoups_ray.progress import log
@@ -131,8 +131,9 @@ def build_trainer(job: PolicyJob, device: torch.device) -> PPOTrainer:
     from peft import LoraConfig, TaskType
 
     spec = job.policy
-    tokenizer = load_tokenizer(local_reference(job.tokenizer_path))
-    base_model = load_causal_lm(local_reference(job.base_model_path), job.base.dtype)
+    options = load_options(job.base)
+    tokenizer = load_tokenizer(local_reference(job.tokenizer_path), **options)
+    base_model = load_causal_lm(local_reference(job.base_model_path), job.base.dtype, **options)
     adapters = {
         pole: read_reward_adapter(pole, local_reference(job.reward_paths[pole]))
         for pole in job.reward_poles

@@ -205,12 +205,14 @@ api = FastAPI(title="psoups_ray", description="P-Soups: any preference combinati
 @serve.ingress(api)
 class Ingress:
     def __init__(self, model, args: dict[str, Any], token: str | None):
-        from psoups_ray.base.model import load_tokenizer
+        from psoups_ray.base.model import load_options, load_tokenizer
         from psoups_ray.rundir import local_reference
 
         self.settings = ServeArgs.model_validate(args)
         self.catalog = SoupCatalog(self.settings.run)
-        self.tokenizer = load_tokenizer(local_reference(self.catalog.tokenizer_path))
+        self.tokenizer = load_tokenizer(
+            local_reference(self.catalog.tokenizer_path), **load_options(self.catalog.base_config)
+        )
         self.model = model.options(stream=True)  # token by token, for stream=true
         self._info_handle = model  # one reply per call
         self.token = token

@@ -113,6 +113,8 @@ class SoupCatalog:
             raise PsoupsError(f"{run} has no base model; run the base stage first")
         self.base_model_path = base["model_path"]
         self.tokenizer_path = base["tokenizer_path"]
+        self.base_config: dict[str, Any] = (self.data.get("config") or {}).get("base") or {}
+        """The run's ``base`` config section: dtype, revision, trust_remote_code."""
 
     def model_ids(self) -> list[str]:
         """``psoups:base``, every pole, every tuned combination."""
@@ -192,7 +194,7 @@ class SoupEngine:
     def __init__(
         self, run: str, device: str = "auto", dtype: str | None = None, strategy: str = "mixing"
     ):
-        from psoups_ray.base.model import load_causal_lm, load_tokenizer
+        from psoups_ray.base.model import load_causal_lm, load_options, load_tokenizer
         from psoups_ray.generation import cache_argument
         from psoups_ray.soup.adapters import read_lora_adapter
         from psoups_ray.soup.mixing import attach_mixing
@@ -201,10 +203,12 @@ class SoupEngine:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        config_dtype = (self.catalog.data.get("config") or {}).get("base", {}).get("dtype")
-        self.tokenizer = load_tokenizer(local_reference(self.catalog.tokenizer_path))
+        options = load_options(self.catalog.base_config)
+        self.tokenizer = load_tokenizer(local_reference(self.catalog.tokenizer_path), **options)
         self.model = load_causal_lm(
-            local_reference(self.catalog.base_model_path), dtype or config_dtype or "float32"
+            local_reference(self.catalog.base_model_path),
+            dtype or self.catalog.base_config.get("dtype") or "float32",
+            **options,
         )
         self.model.requires_grad_(False)
         self.adapters = [

@@ -33,7 +33,7 @@ class SoupEvaluator:
     def __init__(self, models: SoupModels, device: torch.device | str = "cpu"):
         from peft import get_peft_model
 
-        from psoups_ray.base.model import load_causal_lm, load_tokenizer
+        from psoups_ray.base.model import load_causal_lm, load_options, load_tokenizer
         from psoups_ray.rl.models import (
             load_reward_weights,
             read_reward_adapter,
@@ -44,8 +44,9 @@ class SoupEvaluator:
 
         self.models = models
         self.device = torch.device(device)
-        self.tokenizer = load_tokenizer(local_reference(models.tokenizer_path))
-        base = load_causal_lm(local_reference(models.base_model_path), models.base.dtype)
+        options = load_options(models.base)
+        self.tokenizer = load_tokenizer(local_reference(models.tokenizer_path), **options)
+        base = load_causal_lm(local_reference(models.base_model_path), models.base.dtype, **options)
         base.requires_grad_(False)
         self.rewards = {
             pole: read_reward_adapter(pole, local_reference(path))

@@ -69,6 +69,7 @@ def make_soup(
     allow_negative: bool = False,
 ) -> dict[str, Any]:
     """Merge the run's pole policies for ``combo`` into ``out``; returns what was done."""
+    from psoups_ray.base.model import load_options
     from psoups_ray.preferences import PreferenceSpace, PreferenceSpaceSpec
 
     rundir = RunDir(run)
@@ -85,6 +86,7 @@ def make_soup(
     values, source = soup_weights(combination, weights, (data.get("tuned_weights") or {}).get(key))
     directories = [local_reference(policies[pole]["path"]) for pole in combination]
     base_path = local_reference(data["base"]["model_path"])
+    options = load_options((data.get("config") or {}).get("base"))
     out_path = Path(out)
     if out_path.exists() and any(out_path.iterdir()):
         raise PsoupsError(f"{out} exists and is not empty; choose a new --out")
@@ -98,15 +100,18 @@ def make_soup(
             base_model_path=base_path,
             density=density,
             allow_negative=allow_negative,
+            load_options=options,
         )
         tokenizer_dir = directories[0]
         if export == "adapter":
             shutil.copytree(adapter, out_path, dirs_exist_ok=True)
         else:
-            _export_model(base_path, adapter, out_path)
+            export_model(base_path, adapter, out_path, options)
         from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(str(out_path))
+        AutoTokenizer.from_pretrained(
+            tokenizer_dir, trust_remote_code=options["trust_remote_code"]
+        ).save_pretrained(str(out_path))
     summary = {
         "combination": key,
         "weights": dict(zip(combination, values, strict=True)),
@@ -119,10 +124,13 @@ def make_soup(
     return summary
 
 
-def _export_model(base_path: str, adapter: Path, out: Path) -> None:
+def export_model(base_path: str, adapter: Path, out: Path, options: dict[str, Any]) -> None:
+    """Save the base with ``adapter`` merged into its weights as a plain model at ``out``;
+    ``options``: the base's ``from_pretrained`` arguments
+    (:func:`psoups_ray.base.model.load_options`)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_path)
+    base = AutoModelForCausalLM.from_pretrained(base_path, **options)
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     merged.save_pretrained(str(out))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -117,8 +117,13 @@ def merge_adapters(
     base_model_path: str | None = None,
     density: float = 0.5,
     allow_negative: bool = False,
+    load_options: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the soup of ``adapter_dirs`` as one PEFT adapter directory ``out``."""
+    """Write the soup of ``adapter_dirs`` as one PEFT adapter directory ``out``.
+
+    ``load_options``: ``from_pretrained`` arguments for the base (PEFT methods only), as
+    :func:`psoups_ray.base.model.load_options` gives them.
+    """
     weights = check_weights(names, weights, allow_negative)
     adapters = [read_lora_adapter(d, name) for d, name in zip(adapter_dirs, names, strict=True)]
     if method in ("delta", "factor"):
@@ -129,14 +134,18 @@ def merge_adapters(
         raise PsoupsError(f"unknown merge method {method!r}; use delta, factor or {PEFT_METHODS}")
     if base_model_path is None:
         raise PsoupsError(f"merge method {method!r} needs the base model")
-    return _peft_weighted(adapter_dirs, names, weights, method, out, base_model_path, density)
+    return _peft_weighted(
+        adapter_dirs, names, weights, method, out, base_model_path, density, load_options or {}
+    )
 
 
-def _peft_weighted(adapter_dirs, names, weights, method, out, base_model_path, density) -> Path:
+def _peft_weighted(
+    adapter_dirs, names, weights, method, out, base_model_path, density, load_options
+) -> Path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_model_path)
+    base = AutoModelForCausalLM.from_pretrained(base_model_path, **load_options)
     model = PeftModel.from_pretrained(base, str(adapter_dirs[0]), adapter_name=names[0])
     for directory, name in zip(adapter_dirs[1:], names[1:], strict=True):
         model.load_adapter(str(directory), adapter_name=name)
