@@ -324,6 +324,48 @@ def test_a_row_whose_logits_overflow_does_not_fail_its_batch(served):
         torch.set_num_threads(threads)
 
 
+def test_finished_requests_leave_the_decoding_batch_and_the_others_decode_the_same(served):
+    """Rows that end (their own max_tokens, EOS) stop being computed; every row's text is
+    what it gets decoded alone (each row samples from its own generator)."""
+    import torch
+
+    from psoups_ray.prompting import format_prompt
+    from psoups_ray.serving.engine import GenerationJob, SamplingParams, SoupEngine
+
+    out, _ = served
+    threads = torch.get_num_threads()
+    try:
+        engine = SoupEngine(str(out), device="cpu")
+        prompt = format_prompt(engine.tokenizer, QUESTION)
+        soups = ["psoups:P2A+P3B", "psoups:P3B", "psoups:base", "psoups:P2B+P3A", "psoups:P3A"]
+        jobs = [
+            GenerationJob(
+                prompt,
+                engine.catalog.resolve(soup).weights,
+                SamplingParams(max_tokens, temperature=temperature, seed=seed),
+            )
+            for soup, max_tokens, temperature, seed in zip(
+                soups, [2, 3, 40, 6, 40], [1.0, 0.0, 1.0, 0.7, 1.0], [1, None, 2, 3, 4], strict=True
+            )
+        ]
+        batch_sizes: list[int] = []
+        hook = engine.model.register_forward_pre_hook(
+            lambda module, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]),
+            with_kwargs=True,
+        )
+        try:
+            together = engine.generate(jobs)
+        finally:
+            hook.remove()
+        alone = [engine.generate([job])[0] for job in jobs]
+        assert together == alone
+        assert together[0]["completion_tokens"] <= 2 and together[1]["completion_tokens"] <= 3
+        assert batch_sizes[0] == len(jobs) and batch_sizes[-1] < len(jobs), batch_sizes
+        assert batch_sizes == sorted(batch_sizes, reverse=True), batch_sizes
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_a_body_over_max_request_bytes_gets_413_whether_declared_or_chunked(served):
     _, base_url = served
     url = f"{base_url}/v1/chat/completions"

@@ -249,8 +249,15 @@ class SoupEngine:
         """Decode ``jobs`` together; yield one :class:`StepOutput` per job per step until
         every job has finished (a finished job's later outputs are empty and finished).
 
-        ``model``: decode with this (merged) model instead, ignoring the jobs' weights."""
-        from psoups_ray.generation import preallocated_cache, returned_cache
+        ``model``: decode with this (merged) model instead, ignoring the jobs' weights.
+
+        Once a quarter of the rows the model computes have finished (EOS, a stop string,
+        their own ``max_tokens``), they leave the batch and the KV cache, as in
+        :func:`psoups_ray.generation.sample_tokens`: a short request batched with a long
+        one stops costing compute when it ends. Each row draws from its own generator, so
+        its tokens do not depend on its batch-mates.
+        """
+        from psoups_ray.generation import can_select_rows, preallocated_cache, returned_cache
         from psoups_ray.prompting import adds_special_tokens
         from psoups_ray.rl.models import position_ids_for
 
@@ -280,13 +287,16 @@ class SoupEngine:
         eos = tokenizer.eos_token_id
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
         steps = max(job.params.max_tokens for job in jobs)
+        mixer = None
         if model is None and self.mixer is not None:
-            soup = self.mixer.weights(weights.to(self.device))
+            mixer = self.mixer
+            soup = mixer.weights(weights.to(self.device))
         elif model is None and bool(weights.any()):
             raise PsoupsError("a merged-strategy engine needs the merged model for a soup")
         else:
             soup = contextlib.nullcontext()
         model = model if model is not None else self.model
+        live = list(range(len(rows)))  # the rows the model computes (indices into jobs)
         with torch.no_grad(), soup:
             positions = position_ids_for(attention)
             cache = preallocated_cache(model, input_ids.shape[1] + steps)
@@ -295,21 +305,37 @@ class SoupEngine:
                 use_cache=True, logits_to_keep=1,
                 **({self._cache_arg: cache} if cache is not None else {}),
             )  # fmt: skip
+            cache = returned_cache(output)
+            compact = can_select_rows(cache)
             for _ in range(steps):
-                next_ids = self._sample(output.logits[:, -1, :].float(), temperature, top_p, rows)
-                outputs = []
-                for index, row in enumerate(rows):
+                computed = [rows[index] for index in live]
+                next_ids = self._sample(
+                    output.logits[:, -1, :].float(), temperature, top_p, computed
+                )
+                outputs = [
+                    StepOutput("", True, None, row.prompt_tokens, len(row.ids)) for row in rows
+                ]  # what a finished row reports
+                for position, row in enumerate(computed):
                     if row.done:
-                        next_ids[index] = pad
-                        outputs.append(StepOutput("", True, None, row.prompt_tokens, len(row.ids)))
-                        continue
-                    outputs.append(self._advance(row, int(next_ids[index]), eos))
+                        next_ids[position] = pad
+                    else:
+                        outputs[live[position]] = self._advance(row, int(next_ids[position]), eos)
                 yield outputs
                 if all(row.done for row in rows):
                     return
-                attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
+                attention = torch.cat([attention, attention.new_ones(len(live), 1)], dim=1)
                 positions = positions[:, -1:] + 1
                 cache = returned_cache(output)
+                still = [position for position, row in enumerate(computed) if not row.done]
+                if compact and (len(live) - len(still)) * 4 >= len(live):
+                    keep = torch.tensor(still, device=self.device)
+                    for layer in cache.layers:
+                        layer.select_rows(keep)
+                    attention, positions = attention[keep], positions[keep]
+                    next_ids, temperature, top_p = next_ids[keep], temperature[keep], top_p[keep]
+                    if mixer is not None:
+                        mixer.select_rows(keep)
+                    live = [live[position] for position in still]
                 output = model(
                     input_ids=next_ids.unsqueeze(1), attention_mask=attention,
                     position_ids=positions, use_cache=True, **{self._cache_arg: cache},
