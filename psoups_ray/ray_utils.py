@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -181,7 +182,9 @@ class TorchRun:
     name: str
 
 
-def fit_torch_runs(runs: list[TorchRun], rundir: RunDir, max_concurrent: int | None = None) -> None:
+def fit_torch_runs(
+    runs: list[TorchRun], rundir: RunDir, max_concurrent: int | None = None
+) -> dict[str, dict[str, float]]:
     """Run every run, each ``TorchTrainer.fit()`` in its own zero-CPU Ray task.
 
     Runs are launched in order: with ``max_concurrent`` empty, as many as the cluster's
@@ -190,6 +193,10 @@ def fit_torch_runs(runs: list[TorchRun], rundir: RunDir, max_concurrent: int | N
     (which lets an autoscaler see the demand). Launching in order matters: Ray does not
     grant queued placement groups first come first served, and the longest runs (the
     baselines) come first. Waits for all; raises one error naming every failed run.
+
+    Returns ``{name: {"launched_at": t, "returned_at": t}}``: when each run was handed to
+    Ray and when its ``fit()`` was seen to return (Unix times, this process's clock),
+    start-up, queueing for resources and the run's own saving included.
     """
     import ray
 
@@ -197,6 +204,7 @@ def fit_torch_runs(runs: list[TorchRun], rundir: RunDir, max_concurrent: int | N
     fit_remote = ray.remote(num_cpus=0, max_retries=0)(_fit)
     stage = runs[0].stage
     waiting, running, failures = list(runs), {}, []
+    times: dict[str, dict[str, float]] = {}
     log(f"{stage}: {len(runs)} Ray Train runs: {', '.join(run.name for run in runs)}")
     while waiting or running:
         total = ray.cluster_resources() if max_concurrent is None else {}
@@ -204,11 +212,13 @@ def fit_torch_runs(runs: list[TorchRun], rundir: RunDir, max_concurrent: int | N
             run = waiting.pop(0)
             loop = _serialize_loop(run.train_loop, run.loop_config)
             running[fit_remote.remote(loop, run.resources, rundir, stage, run.name)] = run
+            times[run.name] = {"launched_at": time.time()}
             log(
                 f"{stage}: launched run {run.name} ({len(running)} running, {len(waiting)} waiting)"
             )
         done, _ = ray.wait(list(running), num_returns=1)
         run = running.pop(done[0])
+        times[run.name]["returned_at"] = time.time()
         try:
             ray.get(done[0])
             log(f"{stage}: run {run.name} finished ({len(running) + len(waiting)} to go)")
@@ -216,6 +226,7 @@ def fit_torch_runs(runs: list[TorchRun], rundir: RunDir, max_concurrent: int | N
             failures.append(f"{run.name}: {getattr(exc, 'cause', None) or exc}")
     if failures:
         raise PsoupsError(f"{len(failures)} Ray Train run(s) failed:\n  " + "\n  ".join(failures))
+    return times
 
 
 def _needs(spec: ScalingSpec) -> dict[str, float]:

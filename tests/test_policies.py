@@ -66,32 +66,47 @@ def test_every_pole_and_baseline_is_trained_and_recorded(policy_run):
     assert "success_rate" not in baselines["rlhf"]["metrics"]["eval"]["policy"]
 
 
+def _overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return max(a[0], b[0]) < min(a[1], b[1])
+
+
 def test_the_runs_executed_concurrently(policy_run):
     _, manifest = policy_run
     records = {
         **manifest.data["policies"],
         **{f"baseline {k}": v for k, v in manifest.data["baselines"].items()},
     }
-    spans = {
+    # Each run's Ray Train run as the driver saw it (launch to fit() returning) and its
+    # training loop (after start-up and model loading, before evaluation and saving).
+    ray_runs = {
+        name: (r["metrics"]["ray_run"]["launched_at"], r["metrics"]["ray_run"]["returned_at"])
+        for name, r in records.items()
+    }
+    loops = {
         name: (r["metrics"]["started_at"], r["metrics"]["finished_at"])
         for name, r in records.items()
     }
-    # The runs are launched in order, baselines first, as many as the cluster holds: four
-    # at 0.5 CPU on 2 CPUs. Poles train at the same time (which two depends on how fast
-    # each run's worker starts: a smoke run trains for about 12 s, and worker start-up
-    # under load varies by more); the last two poles wait for a run to finish, so they
-    # start after both baselines.
-    poles = [spans[pole] for pole in ("P2A", "P2B", "P3A", "P3B")]
-    assert any(
-        max(a[0], b[0]) < min(a[1], b[1]) for i, a in enumerate(poles) for b in poles[i + 1 :]
-    ), spans
-    baselines_started = max(spans["baseline pmorl"][0], spans["baseline rlhf"][0])
-    assert all(baselines_started < spans[pole][0] for pole in ("P3A", "P3B")), spans
-    # Ray starts worker processes a few at a time, so later launches may begin as the first
-    # end; still, every run overlaps at least one other.
-    for name, (start, end) in spans.items():
-        others = [s for other, s in spans.items() if other != name]
-        assert any(max(start, s) < min(end, e) for s, e in others), (name, spans)
+    for name, (launched, returned) in ray_runs.items():
+        assert launched <= loops[name][0] < loops[name][1] <= returned + 1, name
+    # The runs are launched in order, baselines first, as many at once as the cluster
+    # holds: four at 0.5 CPU on 2 CPUs; each later one when a running one has returned.
+    by_launch = sorted(ray_runs, key=lambda name: ray_runs[name][0])
+    assert set(by_launch[:2]) == {"baseline pmorl", "baseline rlhf"}, ray_runs
+    in_flight = [
+        sum(start <= ray_runs[name][0] < end for start, end in ray_runs.values())
+        for name in by_launch
+    ]
+    assert max(in_flight) == 4, (in_flight, ray_runs)
+    for name in by_launch[4:]:
+        assert sum(end <= ray_runs[name][0] for _, end in ray_runs.values()) >= 1, ray_runs
+    for name, span in ray_runs.items():  # no run ran alone
+        assert any(_overlap(span, other) for o, other in ray_runs.items() if o != name), name
+    # And training itself ran side by side: the first runs' loops overlap (which ones
+    # depends on how fast each worker starts; a smoke run trains for a few seconds).
+    names = list(loops)
+    assert any(_overlap(loops[a], loops[b]) for i, a in enumerate(names) for b in names[i + 1 :]), (
+        loops
+    )
 
 
 def test_policy_adapter_loads_with_plain_peft(policy_run):

@@ -54,7 +54,7 @@ def run_rewards_stage(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
     """Train the reward models; returns the manifest's ``rewards`` section."""
     base = Manifest.load(rundir).data["base"]
     jobs = reward_jobs(config, rundir, base)
-    fit_torch_runs(
+    times = fit_torch_runs(
         [
             TorchRun(reward_train_loop, {"job": job}, config.rewards.resources, "rewards", job.name)
             for job in jobs
@@ -66,6 +66,7 @@ def run_rewards_stage(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
     for job in jobs:
         metrics = rundir.read_json(job.metrics_relpath)
         train = {k: v for k, v in metrics.items() if k != "eval"}
+        train["ray_run"] = times[job.name]  # launch to fit() returning, seen by the driver
         for pole in job.poles:
             section[pole] = {
                 "path": rundir.uri(job.output_relpath),

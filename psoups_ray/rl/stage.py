@@ -95,7 +95,7 @@ def run_policies_stage(config: PsoupsConfig, rundir: RunDir) -> dict[str, dict[s
     # The baselines' runs take longest (several reward models per rollout, longer prompts):
     # launched first, they do not leave the cluster waiting on them at the end.
     launch_order = sorted(jobs, key=lambda job: job.kind == "pole")
-    fit_torch_runs(
+    times = fit_torch_runs(
         [
             TorchRun(
                 policy_train_loop, {"job": job}, config.policies.resources, "policies", job.name
@@ -110,6 +110,7 @@ def run_policies_stage(config: PsoupsConfig, rundir: RunDir) -> dict[str, dict[s
         metrics = rundir.read_json(job.metrics_relpath)
         summary = {key: value for key, value in metrics.items() if key != "history"}
         summary["eval"].pop("samples", None)
+        summary["ray_run"] = times[job.name]  # launch to fit() returning, seen by the driver
         sections[_folder(job.kind)][job.name] = {
             "path": rundir.uri(job.output_relpath),
             "kind": job.kind,
