@@ -7,7 +7,8 @@
 Both searches run as the tune stage runs them (Ray Tune trials served by the same
 evaluator actors) on one combination, with the same trial prompts and sampling seed, so
 they optimise the same function of the weights. The grid has step 1/--grid-resolution
-(66 points for 3 poles at 10); Optuna gets at most a quarter of the grid's trial count.
+(66 points for 3 poles at 10), times each of the run's ``tune.scale_points`` totals when its
+``tune.scale`` is a range; Optuna gets at most a quarter of the grid's trial count.
 Prints both bests, both winners re-measured on prompts no trial saw (the best of many
 noisy trials is biased upward), and the ratios measured in this one run (target: best
 ratio >= 0.98 with trial ratio <= 0.25). Nothing is written to the run directory except Tune's
@@ -54,7 +55,7 @@ def main() -> int:
     from psoups_ray.seeding import derive_seed
     from psoups_ray.soup.evaluator import evaluator_actor_class
     from psoups_ray.soup.pool import EvaluatorPool, SoupModels
-    from psoups_ray.tuning.search import Sweep, best_trial, objective_of, run_sweeps
+    from psoups_ray.tuning.search import Sweep, best_trial, objective_of, run_sweeps, scale_grid
     from psoups_ray.tuning.simplex import simplex_grid
     from psoups_ray.tuning.stage import tune_prompts
 
@@ -66,7 +67,8 @@ def main() -> int:
     space = config.space
     combination = space.parse(args.combo) if args.combo else space.full_combinations()[0]
     poles = tuple(combination)
-    grid_trials = len(simplex_grid(len(poles), args.grid_resolution))
+    totals = scale_grid(*config.tune.scale, config.tune.scale_points)
+    grid_trials = len(simplex_grid(len(poles), args.grid_resolution)) * len(totals)
     optuna_trials = args.optuna_trials or max(1, grid_trials // 4)
 
     ray.init(
@@ -85,6 +87,7 @@ def main() -> int:
             generation=GenerationSpec(max_new_tokens=args.max_new_tokens),
             seed=derive_seed(config.seed, "tune", str(combination)),
             objective=config.tune.objective,
+            scale=config.tune.scale,
         )
         results = {}
         with tempfile.TemporaryDirectory(prefix="psoups-bench-tune-") as storage:
@@ -134,10 +137,14 @@ def main() -> int:
 
     grid, optuna = results["grid"], results["optuna"]
     beaten = sum(value <= optuna["best"] for value in grid["objectives"]) / grid["trials"]
-    print(f"combination {'+'.join(poles)}, {len(sweep.prompts)} prompts per trial")
+    print(
+        f"combination {'+'.join(poles)}, {len(sweep.prompts)} prompts per trial, objective "
+        f"{sweep.objective}, total weights {config.tune.scale[0]:g}-{config.tune.scale[1]:g} "
+        f"(grid: {', '.join(f'{total:g}' for total in totals)})"
+    )
     for name, result in results.items():
         print(
-            f"{name:>6}: {result['trials']:3d} trials, best mean normalised reward "
+            f"{name:>6}: {result['trials']:3d} trials, best objective "
             f"{result['best']:+.4f} at {result['weights']} ({result['seconds']:.0f}s); "
             f"re-measured on {len(report_prompts)} unseen prompts x {args.remeasure_seeds} seeds: "
             f"{result['held_out']:+.4f}"

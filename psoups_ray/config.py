@@ -22,6 +22,9 @@ from psoups_ray.errors import ConfigError, PsoupsError
 from psoups_ray.preferences import PreferenceSpace, PreferenceSpaceSpec
 
 TINY_MODEL = "tiny"
+MAX_SOUP_WEIGHT = 10.0
+"""Largest weight a soup may give one pole (tuning and serving). Weights mix pole policies;
+far beyond 1 the output is noise, and from about 1e24 the logits overflow."""
 BUILTIN_CONFIGS_PACKAGE = "psoups_ray.configs"
 
 
@@ -500,10 +503,28 @@ class TuneConfig(StrictModel):
     """Optuna trials per combination (the first is the uniform soup)."""
     objective: Literal["mean", "worst"] = "mean"
     """What a trial maximises: ``mean``, the mean over the combination's poles of their
-    mean normalised reward; ``worst``, the lowest of them (maximin: a soup that serves
+    scores (``pole_score``); ``worst``, the lowest of them (maximin: a soup that serves
     every requested pole rather than one pole very well)."""
+    pole_score: Literal["reward", "gain"] = "reward"
+    """A pole's score in the objective: ``reward``, its reward model's mean normalised
+    reward (held-out mean 0, std 1); ``gain``, the share of its own policy's gain over the
+    base that the soup keeps, (r - r_base) / (r_policy - r_base), both references measured
+    on the trial prompts first (0: no better than the base, 1: as good as the pole's
+    policy alone). Rewards of different poles sit at different levels, and the base may
+    already show a pole; gains put every pole on the scale of what its training achieved."""
+    scale: tuple[float, float] = (1.0, 1.0)
+    """Range ``[low, high]`` of a soup's total weight λ (the sum of its pole weights): the
+    weights are λ times a point of the simplex. ``[1, 1]``: the paper's weighted average of
+    the policies. A wider range searches λ as well: above 1 the soup extrapolates, adding
+    each pole's LoRA update at more than its share (task arithmetic's scaling coefficient);
+    the tune objective, scored by the reward models, decides how far. Optuna's first
+    trials are then the uniform soup at each of ``scale_points`` totals."""
     grid_resolution: int = Field(default=5, ge=1)
     """Grid step 1/resolution: C(resolution + N - 1, N - 1) trials for N poles."""
+    scale_points: int = Field(default=3, ge=2)
+    """With a ``scale`` range: this many evenly spaced totals from low to high. The grid
+    crosses them with every point of the simplex grid; Optuna starts from the uniform soup
+    at the total nearest 1, then at each of them."""
     max_concurrent_trials: int = Field(default=2, ge=1)
     """Trials at a time; also the number of evaluator actors (each loads the model once
     and serves trials one after another)."""
@@ -523,6 +544,17 @@ class TuneConfig(StrictModel):
     """Interpolation weights per pair: 0, 1/(k-1), ..., 1 (11 as in Rewarded Soups)."""
     pareto_prompts: int = Field(default=16, ge=1)
     """Prompts per point of a Pareto sweep (taken from the trial prompts)."""
+
+    @model_validator(mode="after")
+    def _scale_range(self) -> TuneConfig:
+        low, high = self.scale
+        if not 0 < low <= high <= MAX_SOUP_WEIGHT:
+            raise ValueError(
+                f"scale must be [low, high] with 0 < low <= high <= {MAX_SOUP_WEIGHT:g}, got "
+                f"[{low:g}, {high:g}] (e.g. [1, 1] for weights summing to 1, [1, 3] to search "
+                "totals up to 3)"
+            )
+        return self
 
 
 EvaluatedSystem = Literal["base", "base+prompt", "rlhf", "pmorl", "psoups-uniform", "psoups-tuned"]

@@ -316,6 +316,14 @@ def test_the_report_has_every_table_and_plot_and_rebuilds(evaluated, capsys):
         assert heading in report, heading
     header = "| combination | vs base | vs base+prompt | vs rlhf | vs pmorl | vs psoups-uniform |"
     assert header in report
+    # What the tune trials maximised, with the references of the gains, as configured.
+    references = manifest.data["tune"]["references"]
+    ends = ", ".join(f"{p} {r['base']:+.2f} → {r['policy']:+.2f}" for p, r in references.items())
+    assert (
+        "trials maximised the worst of the poles' gains over the base (0: the base, 1: the "
+        f"pole's own policy; reward base → policy on the trial prompts: {ends}), the weights' "
+        "total searched from 1 to 3."
+    ) in report
     plots = manifest.data["report"]["plots"]
     names = sorted(Path(p).name for p in plots)
     assert names == [

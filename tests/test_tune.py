@@ -144,6 +144,76 @@ def test_a_combination_runs_two_trials_at_once_only_when_no_other_can_start():
     assert search.suggest("t4") == {"combination": "A", "point": "a3"}
 
 
+def test_gain_scores_measure_each_pole_from_the_base_to_its_own_policy():
+    from psoups_ray.tuning.search import MIN_GAIN_SPAN, objective_of, pole_scores
+
+    references = {"P1A": {"base": -0.5, "policy": 1.5}, "P2B": {"base": 0.2, "policy": 0.22}}
+    scores = pole_scores({"P1A": 0.5, "P2B": 0.3}, references)
+    # P1A kept half its policy's gain; P2B's policy barely beat the base, so its gap is
+    # taken as MIN_GAIN_SPAN (0.1) instead of 0.02: 1.0, not 5.0.
+    assert MIN_GAIN_SPAN == 0.1
+    assert scores == pytest.approx({"P1A": 0.5, "P2B": 1.0})
+    assert objective_of(scores, "worst") == pytest.approx(0.5)
+    assert objective_of(scores, "mean") == pytest.approx(0.75)
+    assert pole_scores({"P1A": 0.5}, None) == {"P1A": 0.5}  # pole_score: reward
+
+
+def _sweep(spec, combination=("P1A", "P2B", "P3A")):
+    from psoups_ray.tuning.search import Sweep
+
+    return Sweep(combination, ("a prompt",), None, spec.generation, seed=0, scale=spec.scale)
+
+
+def test_a_scale_range_is_searched_with_the_simplex_from_the_uniform_soup_at_each_total():
+    from psoups_ray.tuning.search import _sub_search, _weights_of
+
+    spec = load_config(None, ["tune.scale=[1, 3]", "tune.num_samples=12"]).tune
+    sweep = _sweep(spec)
+    search, budget = _sub_search(sweep, spec)
+    assert budget == 12
+    totals = []
+    for k in range(budget):
+        config = search.suggest(f"t{k}")
+        weights = _weights_of(config, sweep)
+        assert min(weights) >= 0 and sum(weights) == pytest.approx(config["scale"])
+        totals.append(sum(weights))
+        if k < 3:  # the paper's uniform soup (total 1), then at totals 2 and 3
+            assert weights == pytest.approx([(k + 1) / 3] * 3)
+        search.on_trial_complete(f"t{k}", {"objective": -((sum(weights) - 2.5) ** 2)})
+    assert all(1.0 <= total <= 3.0 for total in totals)
+    assert max(totals) - min(totals) > 0.5, totals  # the total is a searched dimension
+    # A range without 1: the uniform soup at the total nearest 1 first.
+    spec = load_config(None, ["tune.scale=[1.5, 2.5]", "tune.scale_points=2"]).tune
+    search, _ = _sub_search(_sweep(spec), spec)
+    assert [search.suggest(f"s{k}")["scale"] for k in range(2)] == [1.5, 2.5]
+    # A single total: no extra dimension, every soup sums to it.
+    spec = load_config(None, ["tune.scale=[2, 2]"]).tune
+    sweep = _sweep(spec)
+    search, _ = _sub_search(sweep, spec)
+    for k in range(3):
+        config = search.suggest(f"t{k}")
+        assert "scale" not in config
+        assert sum(_weights_of(config, sweep)) == pytest.approx(2.0)
+        search.on_trial_complete(f"t{k}", {"objective": 0.0})
+
+
+def test_a_grid_search_with_a_scale_range_tries_each_total_with_every_simplex_point():
+    from psoups_ray.tuning.search import _sub_search, _weights_of, scale_grid
+
+    assert scale_grid(1.0, 3.0, 3) == [1.0, 2.0, 3.0]
+    assert scale_grid(2.0, 2.0, 5) == [2.0]
+    spec = load_config(
+        None,
+        ["tune.search=grid", "tune.grid_resolution=2", "tune.scale=[1, 2]", "tune.scale_points=2"],
+    ).tune
+    sweep = _sweep(spec, ("P2A", "P3B"))
+    search, budget = _sub_search(sweep, spec)
+    points = [_weights_of(search.suggest(f"t{k}"), sweep) for k in range(budget)]
+    assert search.suggest("t-last") is None
+    expected = [[0, 1], [0.5, 0.5], [1, 0], [0, 2], [1, 1], [2, 0]]
+    assert [w for point in points for w in point] == pytest.approx(sum(expected, []))
+
+
 def test_pareto_pairs_cross_dimensions():
     space = PreferenceSpace.default()
     pairs = pareto_pairs(space)
@@ -162,6 +232,11 @@ def test_tune_config_is_validated():
         load_config(None, ["tune.generation.max_new_tokens=300"])
     with pytest.raises(ConfigError, match="tune.search"):
         load_config(None, ["tune.search=random"])
+    for bad in ("[3, 1]", "[0, 1]", "[1, 11]"):
+        with pytest.raises(ConfigError, match=r"scale must be \[low, high\] with 0 < low <= high"):
+            load_config(None, [f"tune.scale={bad}"])
+    with pytest.raises(ConfigError, match="tune.scale"):
+        load_config(None, ["tune.scale=[1, 2, 3]"])
 
 
 # -- the stage -----------------------------------------------------------------------
@@ -193,21 +268,34 @@ def test_every_combination_is_tuned_by_ray_tune(tune_run):
     tuned = manifest.data["tuned_weights"]
     section = manifest.data["tune"]
     assert sorted(tuned) == COMBOS
+    # The tiny default scores each pole by its gain over the base, relative to its own
+    # policy's (tune.pole_score: gain): both ends measured on the trial prompts first.
+    references = section["references"]
+    assert section["pole_score"] == "gain" and sorted(references) == ["P2A", "P2B", "P3A", "P3B"]
     for combo, weights in tuned.items():
         poles = combo.split("+")
         assert list(weights) == poles
-        assert min(weights.values()) >= 0 and math.isclose(sum(weights.values()), 1.0)
+        # The tiny default searches the total weight too (tune.scale: [1, 3]).
+        assert min(weights.values()) >= 0 and 1.0 <= sum(weights.values()) <= 3.0
         rows = _trials(out, combo)
         assert len(rows) == 3  # tune.num_samples (smoke)
-        # Optuna's first suggestion is the uniform soup; a combination's trials ran one
-        # after another (four combinations for two concurrent trials).
-        assert rows[0][f"weight_{poles[0]}"] == pytest.approx(0.5), rows
-        assert all(row[f"weight_{poles[0]}"] != pytest.approx(0.5) for row in rows[1:])
+        # Optuna's first suggestions are the uniform soup at totals 1, 2 and 3, in that
+        # order: a combination's trials ran one after another (four combinations for two
+        # concurrent trials).
+        for row, total in zip(rows, (1, 2, 3), strict=True):
+            assert [row[f"weight_{p}"] for p in poles] == pytest.approx([total / 2] * 2), rows
         for row in rows:
+            assert row["scale"] == pytest.approx(sum(row[f"weight_{p}"] for p in poles))
             rewards = [row[f"reward_{p}"] for p in poles]
             assert row["mean_reward"] == pytest.approx(sum(rewards) / len(rewards))
-            # The tiny default maximises the worst pole's reward (tune.objective: worst).
-            assert row["objective"] == pytest.approx(min(rewards))
+            gains = [
+                (row[f"reward_{p}"] - references[p]["base"])
+                / max(references[p]["policy"] - references[p]["base"], 0.1)
+                for p in poles
+            ]
+            assert [row[f"gain_{p}"] for p in poles] == pytest.approx(gains)
+            # The tiny default maximises the worst pole's gain (tune.objective: worst).
+            assert row["objective"] == pytest.approx(min(gains))
             assert 0.0 <= row["success_rate"] <= 1.0
         best = max(rows, key=lambda row: row["objective"])
         assert [weights[p] for p in poles] == pytest.approx([best[f"weight_{p}"] for p in poles])
@@ -227,7 +315,9 @@ def test_every_combination_is_tuned_by_ray_tune(tune_run):
     # the models were loaded twice in all, not once per trial.
     evaluators = section["evaluators"]
     assert len(evaluators) == 2 and len({e["pid"] for e in evaluators}) == 2
-    assert sum(e["calls"] for e in evaluators) == 4 * 3 + 4 + 4
+    # 4 x 3 trials, 2 reference requests (base; each pole's policy), 4 comparisons and 4
+    # Pareto pairs.
+    assert sum(e["calls"] for e in evaluators) == 4 * 3 + 2 + 4 + 4
     assert all(e["calls"] > 1 for e in evaluators)
 
 
@@ -278,9 +368,31 @@ def test_a_trial_is_reproduced_by_the_evaluator_in_process(tune_run):
     finally:
         torch.set_num_threads(threads)
     assert result["mean_reward"] == pytest.approx(best["mean_reward"], abs=1e-4)
-    assert min(result["rewards"].values()) == pytest.approx(best["objective"], abs=1e-4)
     for pole in poles:
         assert result["rewards"][pole] == pytest.approx(best[f"reward_{pole}"], abs=1e-4)
+    # ... and so are the references the gains are measured from: the base, then each
+    # policy alone, on the trial prompts with the references' seed (two requests, as the
+    # stage makes them: a row's draws depend on its place in its batch).
+    references = manifest.data["tune"]["references"]
+    torch.set_num_threads(1)
+    try:
+        ends = [
+            evaluator.evaluate(
+                queries,
+                tune_prompts(config, rundir)[0],
+                config.tune.generation,
+                derive_seed(config.seed, "tune", "references"),
+            )
+            for queries in (
+                [SoupQuery({}, tuple(references))],
+                [SoupQuery({p: 1.0}, (p,)) for p in references],
+            )
+        ]
+    finally:
+        torch.set_num_threads(threads)
+    for pole, alone in zip(references, ends[1], strict=True):
+        assert ends[0][0]["rewards"][pole] == pytest.approx(references[pole]["base"], abs=1e-4)
+        assert alone["rewards"][pole] == pytest.approx(references[pole]["policy"], abs=1e-4)
 
 
 @pytest.mark.integration
@@ -294,7 +406,9 @@ def test_merge_defaults_to_the_tuned_weights(tune_run, tmp_path):
 
 
 @pytest.mark.integration
-def test_an_interrupted_stage_resumes_and_grid_search_walks_the_simplex(tune_run, tmp_path):
+def test_an_interrupted_stage_resumes_and_grid_search_walks_the_simplex_and_totals(
+    tune_run, tmp_path
+):
     source, manifest = tune_run
     out = tmp_path / "run"
     shutil.copytree(source, out)
@@ -306,11 +420,14 @@ def test_an_interrupted_stage_resumes_and_grid_search_walks_the_simplex(tune_run
     for combo in COMBOS[:3]:
         assert tuned[combo] == manifest.data["tuned_weights"][combo]
     calls = sum(e["calls"] for e in resumed.data["tune"]["evaluators"])
-    assert calls == 3 + 4 + 4  # one sweep redone, then the comparison and the fronts
+    # the references measured again, one sweep redone, then the comparison and the fronts
+    assert calls == 2 + 3 + 4 + 4
 
     grid = _config(
         "tune.search=grid",
-        "tune.grid_resolution=4",
+        "tune.grid_resolution=2",
+        "tune.scale=[1, 2]",
+        "tune.scale_points=2",
         "tune.combinations=[P2A+P3B]",
         "tune.pareto=false",
         "tune.num_report_prompts=0",
@@ -322,8 +439,9 @@ def test_an_interrupted_stage_resumes_and_grid_search_walks_the_simplex(tune_run
     manifest = run_pipeline(grid, str(out), ["tune"], force=True, run_prerequisites=False)
     assert len(manifest.data["tune"]["evaluators"]) == 2
     rows = _trials(out, "P2A+P3B")
-    assert sorted(row["weight_P2A"] for row in rows) == pytest.approx([0, 0.25, 0.5, 0.75, 1])
-    assert all(math.isclose(row["weight_P2A"] + row["weight_P3B"], 1.0) for row in rows)
+    points = sorted((row["weight_P2A"], row["weight_P3B"]) for row in rows)
+    assert points == [(0, 1), (0, 2), (0.5, 0.5), (1, 0), (1, 1), (2, 0)]
+    assert all(row["scale"] == row["weight_P2A"] + row["weight_P3B"] for row in rows)
     best = max(rows, key=lambda row: row["objective"])
     assert manifest.data["tuned_weights"] == {
         "P2A+P3B": {"P2A": best["weight_P2A"], "P3B": best["weight_P3B"]}

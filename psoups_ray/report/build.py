@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from typing import Any
 
 from psoups_ray.manifest import Manifest
@@ -245,8 +246,12 @@ class Report:
                 held_out = section.get("combinations", {}).get(key, {}).get("held_out", {})
                 uniform, best = held_out.get("uniform", {}), held_out.get("tuned", {})
                 reward = "mean_reward"
+            shown = " / ".join(f"{pole} {w:.2f}" for pole, w in weights.items())
+            total = sum(weights.values())
+            if not math.isclose(total, 1.0, abs_tol=5e-3):
+                shown += f" (total {total:.2f})"
             rows.append([
-                key, " / ".join(f"{pole} {w:.2f}" for pole, w in weights.items()),
+                key, shown,
                 f"{_num(uniform.get(reward))} → {_num(best.get(reward))}",
                 f"{_pct(uniform.get('success_rate'))} → {_pct(best.get('success_rate'))}",
             ])  # fmt: skip
@@ -259,7 +264,8 @@ class Report:
         )
         self.lines += [
             f"{section.get('search', '?')} search over {section.get('num_trial_prompts', '?')} "
-            f"prompts per trial; uniform vs tuned soup measured on {where}.",
+            f"prompts per trial; {self._tune_objective(section)} Uniform vs tuned soup "
+            f"measured on {where}.",
             "",
             *_table(header, rows),
         ]
@@ -267,6 +273,29 @@ class Report:
             fronts = self.rundir.read_json("tune/pareto.json")
             if fronts:
                 self.image("pareto_fronts.png", plots.pareto_grid(fronts), "Pareto fronts")
+
+    def _tune_objective(self, section: dict[str, Any]) -> str:
+        """One sentence: what the trials maximised, over which total weights."""
+        spec = (self.data.get("config") or {}).get("tune") or {}
+        kind = "the worst" if spec.get("objective") == "worst" else "the mean"
+        references = section.get("references")
+        if section.get("pole_score") == "gain" and references:
+            ends = ", ".join(
+                f"{pole} {_num(ref['base'])} → {_num(ref['policy'])}"
+                for pole, ref in references.items()
+            )
+            what = (
+                f"maximised {kind} of the poles' gains over the base (0: the base, 1: the "
+                f"pole's own policy; reward base → policy on the trial prompts: {ends})"
+            )
+        else:
+            what = f"maximised {kind} of the poles' mean normalised rewards"
+        low, high = spec.get("scale") or (1.0, 1.0)
+        if low == high == 1.0:
+            return f"trials {what}, weights summing to 1."
+        if low == high:
+            return f"trials {what}, weights summing to {low:g}."
+        return f"trials {what}, the weights' total searched from {low:g} to {high:g}."
 
     def evaluation(self) -> None:
         self.lines += ["## Evaluation", ""]

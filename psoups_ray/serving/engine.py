@@ -19,14 +19,14 @@ from typing import Any
 
 import torch
 
+from psoups_ray.config import MAX_SOUP_WEIGHT
 from psoups_ray.errors import PsoupsError
 from psoups_ray.rundir import RunDir, local_reference
 
 BASE_MODEL = "base"
 MODEL_PREFIX = "psoups:"
-MAX_WEIGHT = 10.0
-"""Largest soup weight a request may give a pole. Weights mix pole policies (tuned ones lie
-on the simplex); far beyond 1 the output is noise, and from about 1e24 the logits overflow."""
+MAX_WEIGHT = MAX_SOUP_WEIGHT
+"""Largest soup weight a request may give a pole (tuning's bound too)."""
 
 
 @dataclass(frozen=True)

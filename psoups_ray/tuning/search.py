@@ -1,7 +1,8 @@
 """Ray Tune search of soup weights, every combination in one experiment, served by
 evaluator actors (:class:`CombinationSearch` gives each combination its own sampler).
 
-A trial is (combination, weights on the simplex): it borrows a :class:`SoupEvaluator`
+A trial is (combination, weights: a point of the simplex times the total weight λ, 1 unless
+``tune.scale`` is a range to search): it borrows a :class:`SoupEvaluator`
 actor from a pool, which generates on the trial prompts with the soup and scores the
 responses with the combination's pole reward models; the trial reports its
 ``objective`` (the mean or, with ``tune.objective: worst``, the lowest of the poles' mean
@@ -48,16 +49,23 @@ class Sweep:
     seed: int
     objective: str = "mean"
     """``tune.objective``: how a trial's pole rewards become the number it maximises."""
+    scale: tuple[float, float] = (1.0, 1.0)
+    """``tune.scale``: the range of the soup's total weight."""
+    references: dict[str, dict[str, float]] | None = None
+    """``tune.pole_score: gain``: per pole, the base's and its policy's mean normalised
+    reward on the trial prompts (:func:`measure_references`); None: scores are rewards."""
 
     @property
     def key(self) -> str:
         return "+".join(self.combination)
 
 
-def _weights_of(config: dict[str, Any], n: int) -> list[float]:
+def _weights_of(config: dict[str, Any], sweep: Sweep) -> list[float]:
     if "weights" in config:  # grid search
         return [float(w) for w in config["weights"]]
-    return from_cube([config[f"u{k}"] for k in range(n - 1)])
+    scale = float(config.get("scale", sweep.scale[0]))  # absent: a fixed total
+    cube = [config[f"u{k}"] for k in range(len(sweep.combination) - 1)]
+    return [scale * w for w in from_cube(cube)]
 
 
 def soup_trial(config: dict[str, Any], pool: EvaluatorPool, sweeps: dict[str, Sweep]) -> None:
@@ -66,7 +74,7 @@ def soup_trial(config: dict[str, Any], pool: EvaluatorPool, sweeps: dict[str, Sw
 
     started_at = time.time()
     sweep = sweeps[config[COMBINATION]]
-    weights = _weights_of(config, len(sweep.combination))
+    weights = _weights_of(config, sweep)
     query = SoupQuery(
         dict(zip(sweep.combination, weights, strict=True)),
         sweep.combination,
@@ -75,29 +83,81 @@ def soup_trial(config: dict[str, Any], pool: EvaluatorPool, sweeps: dict[str, Sw
     result = pool.evaluate([query], sweep.prompts, sweep.generation, sweep.seed)[0]
     tune.report(
         {
-            **trial_metrics(sweep.combination, weights, result, sweep.objective),
+            **trial_metrics(sweep, weights, result),
             "started_at": started_at,
         }
     )
 
 
-def objective_of(rewards: dict[str, float], kind: str) -> float:
-    """A trial's objective from its poles' mean normalised rewards (``tune.objective``)."""
-    values = list(rewards.values())
+MIN_GAIN_SPAN = 0.1
+"""Smallest policy-over-base reward gap a gain is divided by (in reward standard
+deviations): a policy that barely beat the base must not blow its pole's gains up."""
+
+
+def pole_scores(
+    rewards: dict[str, float], references: dict[str, dict[str, float]] | None
+) -> dict[str, float]:
+    """Each pole's score (``tune.pole_score``): its reward, or with ``references`` its gain
+    (r - r_base) / (r_policy - r_base)."""
+    if references is None:
+        return dict(rewards)
+    return {
+        pole: (reward - references[pole]["base"]) / gain_span(references[pole])
+        for pole, reward in rewards.items()
+    }
+
+
+def gain_span(reference: dict[str, float]) -> float:
+    return max(reference["policy"] - reference["base"], MIN_GAIN_SPAN)
+
+
+def measure_references(
+    pool: EvaluatorPool,
+    poles: list[str],
+    prompts: list[str],
+    generation: GenerationSpec,
+    seed: int,
+    preference_prompts: dict[str, str | None],
+) -> dict[str, dict[str, float]]:
+    """Per pole, the mean normalised reward of the base (``base``) and of the pole's policy
+    alone (``policy``) on ``prompts``, each prompted as the pole's soups are."""
+    unprompted = all(preference_prompts[pole] is None for pole in poles)
+    if unprompted:  # one base query scores every pole
+        base_queries = [SoupQuery({}, tuple(poles), None)]
+    else:
+        base_queries = [SoupQuery({}, (pole,), preference_prompts[pole]) for pole in poles]
+    policy_queries = [SoupQuery({pole: 1.0}, (pole,), preference_prompts[pole]) for pole in poles]
+    base, policy = pool.map(
+        [(base_queries, prompts, generation, seed), (policy_queries, prompts, generation, seed)]
+    )
+    base_rewards = {pole: r for result in base for pole, r in result["rewards"].items()}
+    return {
+        pole: {"base": base_rewards[pole], "policy": result["rewards"][pole]}
+        for pole, result in zip(poles, policy, strict=True)
+    }
+
+
+def objective_of(scores: dict[str, float], kind: str) -> float:
+    """A trial's objective from its poles' scores (``tune.objective``)."""
+    values = list(scores.values())
     if kind == "worst":
         return min(values)
     return sum(values) / len(values)
 
 
-def trial_metrics(combination, weights, result: dict[str, Any], objective: str) -> dict[str, float]:
+def trial_metrics(sweep: Sweep, weights, result: dict[str, Any]) -> dict[str, float]:
+    scores = pole_scores(result["rewards"], sweep.references)
     metrics = {
-        OBJECTIVE: objective_of(result["rewards"], objective),
+        OBJECTIVE: objective_of(scores, sweep.objective),
         "mean_reward": result["mean_reward"],
         "response_words": result["response_words"],
+        "scale": sum(weights),
     }
-    for pole, weight in zip(combination, weights, strict=True):
+    for pole, weight in zip(sweep.combination, weights, strict=True):
         metrics[f"weight_{pole}"] = weight
         metrics[f"reward_{pole}"] = result["rewards"][pole]
+        if sweep.references is not None:
+            metrics[f"gain_{pole}"] = scores[pole]
     if "success_rate" in result:
         metrics["success_rate"] = result["success_rate"]
     return metrics
@@ -119,12 +179,27 @@ class _GridPoints:
         pass
 
 
+def scale_grid(low: float, high: float, steps: int) -> list[float]:
+    """The totals a grid search tries: ``steps`` evenly spaced from low to high (one when
+    the range is a single value)."""
+    if low == high:
+        return [low]
+    return [low + (high - low) * k / (steps - 1) for k in range(steps)]
+
+
 def _sub_search(sweep: Sweep, spec: TuneConfig):
     """(sub-search, number of trials) of one combination: Optuna's TPE over the cube that
-    maps onto the simplex, its first trial the uniform soup, or the simplex grid."""
+    maps onto the simplex (and the total weight when ``tune.scale`` is a range), its first
+    trials the uniform soup (at the total nearest 1, then at each of ``tune.scale_points``
+    totals), or the simplex grid (times each of those totals)."""
     n = len(sweep.combination)
+    low, high = sweep.scale
     if spec.search == "grid":
-        points = simplex_grid(n, spec.grid_resolution)
+        points = [
+            [scale * w for w in point]
+            for scale in scale_grid(low, high, spec.scale_points)
+            for point in simplex_grid(n, spec.grid_resolution)
+        ]
         return _GridPoints(points), len(points)
     import optuna
     from ray import tune
@@ -132,7 +207,15 @@ def _sub_search(sweep: Sweep, spec: TuneConfig):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    uniform = to_cube([1.0 / n] * n)
+    uniform = {f"u{k}": value for k, value in enumerate(to_cube([1.0 / n] * n))}
+    space = {f"u{k}": tune.uniform(0.0, 1.0) for k in range(n - 1)}
+    seeds = [uniform]
+    if low < high:  # the paper's uniform soup (or the total nearest 1), then larger totals
+        space["scale"] = tune.uniform(low, high)
+        first = min(max(1.0, low), high)
+        grid = scale_grid(low, high, spec.scale_points)
+        totals = [first, *(total for total in grid if not math.isclose(total, first))]
+        seeds = [{**uniform, "scale": total} for total in totals][: spec.num_samples]
     # Optuna's default TPE samples its first 10 trials at random, most of a typical budget
     # of 16; a quarter of the budget is enough to seed it on a 2-4 dimensional simplex, and
     # the multivariate model follows the coupling of the weights.
@@ -142,11 +225,11 @@ def _sub_search(sweep: Sweep, spec: TuneConfig):
         seed=sweep.seed % 2**31,
     )
     search = OptunaSearch(
-        space={f"u{k}": tune.uniform(0.0, 1.0) for k in range(n - 1)},
+        space=space,
         metric=OBJECTIVE,
         mode="max",
         sampler=sampler,
-        points_to_evaluate=[{f"u{k}": uniform[k] for k in range(n - 1)}],
+        points_to_evaluate=seeds,
     )
     return search, spec.num_samples
 
@@ -287,15 +370,15 @@ def evaluate_single(sweep: Sweep, pool: EvaluatorPool) -> list[dict[str, Any]]:
         sweep.generation,
         sweep.seed,
     )[0]
-    return [{"trial": 0, **trial_metrics(sweep.combination, [1.0], result, sweep.objective)}]
+    return [{"trial": 0, **trial_metrics(sweep, [1.0], result)}]
 
 
 def _metric_keys(metrics: dict[str, Any]) -> list[str]:
-    prefixes = ("weight_", "reward_")
+    prefixes = ("weight_", "reward_", "gain_")
     return [
         key
         for key in metrics
-        if key in (OBJECTIVE, "mean_reward", "success_rate", "response_words")
+        if key in (OBJECTIVE, "mean_reward", "success_rate", "response_words", "scale")
         or key.startswith(prefixes)
     ]
 
@@ -328,6 +411,8 @@ class _Progress(Callback):
             for name, value in result.items()
             if name.startswith("weight_")
         )
+        if not math.isclose(result["scale"], 1.0):
+            weights += f" (total {result['scale']:.2f})"
         success = f" success {result['success_rate']:.2f}" if "success_rate" in result else ""
         log(
             f"[tune {key}] trial {len(rows)}/{self.budgets[key]}: {weights} -> objective "

@@ -35,7 +35,15 @@ from psoups_ray.tuning.pareto import (
     pareto_queries,
     plot_front,
 )
-from psoups_ray.tuning.search import Sweep, best_trial, evaluate_single, run_sweeps
+from psoups_ray.tuning.search import (
+    MIN_GAIN_SPAN,
+    Sweep,
+    best_trial,
+    evaluate_single,
+    gain_span,
+    measure_references,
+    run_sweeps,
+)
 
 RESULTS_DIR = "ray/tune/results"  # per-combination progress, discarded when the stage is redone
 
@@ -88,6 +96,9 @@ def run_tune_stage(config: PsoupsConfig, rundir: RunDir) -> dict[str, dict[str, 
         resources = spec.resources
         gpus = resources.gpus if resources.use_gpu else 0.0
         pool = start_evaluators(models, spec.max_concurrent_trials, resources.cpus, gpus, "tune")
+        references = None
+        if spec.pole_score == "gain":
+            references = _references(config, pool, combinations, trial_prompts)
         sweeps = [
             Sweep(
                 combination=tuple(combination),
@@ -96,6 +107,8 @@ def run_tune_stage(config: PsoupsConfig, rundir: RunDir) -> dict[str, dict[str, 
                 generation=spec.generation,
                 seed=derive_seed(config.seed, "tune", str(combination)),
                 objective=spec.objective,
+                scale=spec.scale,
+                references=references,
             )
             for combination in combinations
         ]
@@ -145,12 +158,52 @@ def run_tune_stage(config: PsoupsConfig, rundir: RunDir) -> dict[str, dict[str, 
         "evaluators": evaluators,  # each loaded the models once and served this many calls
         "num_trial_prompts": len(trial_prompts),
         "num_report_prompts": len(report_prompts),
+        "pole_score": spec.pole_score,
+        "references": references,
         "combinations": combos,
         "pareto": pareto,
         "seconds": round(time.monotonic() - started, 1),
     }
     rundir.write_json("tune/summary.json", {**section, "tuned_weights": tuned})
     return {"tune": section, "tuned_weights": tuned}
+
+
+def _references(config, pool, combinations, prompts) -> dict[str, dict[str, float]]:
+    """``tune.pole_score: gain``: the base's and each pole policy's reward on the trial
+    prompts, the ends of every gain."""
+    space = config.space
+    poles = list(dict.fromkeys(pole for combination in combinations for pole in combination))
+    prompted = config.policies.prompted
+    preference_prompts = {
+        pole: space.preference_prompt(space.combination([pole])) if prompted else None
+        for pole in poles
+    }
+    started = time.monotonic()
+    references = measure_references(
+        pool,
+        poles,
+        prompts,
+        config.tune.generation,
+        derive_seed(config.seed, "tune", "references"),
+        preference_prompts,
+    )
+    log(
+        "tune: pole scores are gains over the base, measured on the trial prompts ("
+        + ", ".join(
+            f"{pole} {ref['base']:+.2f} -> {ref['policy']:+.2f}" for pole, ref in references.items()
+        )
+        + f"; {time.monotonic() - started:.0f}s)"
+    )
+    weak = [
+        pole for pole, ref in references.items() if gain_span(ref) > ref["policy"] - ref["base"]
+    ]
+    if weak:
+        log(
+            f"tune: warning: the policies of {', '.join(weak)} scored within {MIN_GAIN_SPAN:g} "
+            f"reward std of the base on the trial prompts; their gains are divided by "
+            f"{MIN_GAIN_SPAN:g} (train them longer, or use tune.pole_score=reward)"
+        )
+    return references
 
 
 def _compare(config, pool, combos, tuned, prompts, prompted) -> None:
