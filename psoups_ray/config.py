@@ -500,7 +500,8 @@ class TuneConfig(StrictModel):
     """``optuna``: TPE over the simplex (seeded with the uniform soup); ``grid``: every
     point of the simplex grid with step 1/``grid_resolution``."""
     num_samples: int = Field(default=16, ge=1)
-    """Optuna trials per combination (the first is the uniform soup)."""
+    """Optuna trials per combination (the first is the uniform soup; with a ``scale``
+    range, the first few are the uniform soup at each of ``scale_points`` totals)."""
     objective: Literal["mean", "worst"] = "mean"
     """What a trial maximises: ``mean``, the mean over the combination's poles of their
     scores (``pole_score``); ``worst``, the lowest of them (maximin: a soup that serves

@@ -5,10 +5,11 @@ A trial is (combination, weights: a point of the simplex times the total weight 
 ``tune.scale`` is a range to search): it borrows a :class:`SoupEvaluator`
 actor from a pool, which generates on the trial prompts with the soup and scores the
 responses with the combination's pole reward models; the trial reports its
-``objective`` (the mean or, with ``tune.objective: worst``, the lowest of the poles' mean
-normalised rewards), each pole's reward and weight and, in the tiny world,
-the attribute success rate. The actors keep base, policies and reward models loaded for
-the whole stage, so no trial loads a model.
+``objective`` (the mean or, with ``tune.objective: worst``, the lowest of the poles'
+scores: mean normalised rewards or, with ``tune.pole_score: gain``, each pole's share of
+its own policy's gain over the base), each pole's reward, gain and weight, the weights'
+total and, in the tiny world, the attribute success rate. The actors keep base, policies
+and reward models loaded for the whole stage, so no trial loads a model.
 """
 
 from __future__ import annotations
