@@ -123,6 +123,22 @@ def can_select_rows(cache) -> bool:
     return bool(layers) and all(isinstance(layer, GrowingLayer) for layer in layers)
 
 
+def drop_finished_rows(cache, still: torch.Tensor) -> torch.Tensor | None:
+    """Once a quarter or more of the rows ``cache`` holds have finished, drop them from it.
+
+    ``still``: (rows,) bool, the rows still decoding (at least one). Returns the indices of
+    the rows kept, in order, for the caller to narrow its own per-row state with; None when
+    too few have finished and nothing was dropped. The cache must be able to drop rows
+    (:func:`can_select_rows`).
+    """
+    if int((~still).sum()) * 4 < len(still):
+        return None
+    keep = still.nonzero().squeeze(1)
+    for layer in cache.layers:
+        layer.select_rows(keep)
+    return keep
+
+
 def _grown(buffer: torch.Tensor, filled: int, size: int) -> torch.Tensor:
     """``buffer`` (B, H, L, D) with room for ``size`` positions, its first ``filled`` kept."""
     grown = buffer.new_empty((*buffer.shape[:2], size, buffer.shape[-1]))
@@ -272,15 +288,11 @@ def sample_tokens(
             if not bool(unfinished.any()):
                 break
         positions = positions[:, -1:] + 1
-        if compact:
-            still = unfinished[rows]  # (b,)
-            if int((~still).sum()) * 4 >= len(rows):
-                keep = still.nonzero().squeeze(1)
-                for layer in cache.layers:
-                    layer.select_rows(keep)
-                rows, mask, positions = rows[keep], mask[keep], positions[keep]
-                if on_compact is not None:
-                    on_compact(keep)
+        keep = drop_finished_rows(cache, unfinished[rows]) if compact else None
+        if keep is not None:
+            rows, mask, positions = rows[keep], mask[keep], positions[keep]
+            if on_compact is not None:
+                on_compact(keep)
         inputs = tokens[rows].unsqueeze(1)  # (b, 1)
     return torch.stack(chosen, dim=1)  # (B, T)
 

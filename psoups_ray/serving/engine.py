@@ -257,7 +257,12 @@ class SoupEngine:
         one stops costing compute when it ends. Each row draws from its own generator, so
         its tokens do not depend on its batch-mates.
         """
-        from psoups_ray.generation import can_select_rows, preallocated_cache, returned_cache
+        from psoups_ray.generation import (
+            can_select_rows,
+            drop_finished_rows,
+            preallocated_cache,
+            returned_cache,
+        )
         from psoups_ray.prompting import adds_special_tokens
         from psoups_ray.rl.models import position_ids_for
 
@@ -326,16 +331,16 @@ class SoupEngine:
                 attention = torch.cat([attention, attention.new_ones(len(live), 1)], dim=1)
                 positions = positions[:, -1:] + 1
                 cache = returned_cache(output)
-                still = [position for position, row in enumerate(computed) if not row.done]
-                if compact and (len(live) - len(still)) * 4 >= len(live):
-                    keep = torch.tensor(still, device=self.device)
-                    for layer in cache.layers:
-                        layer.select_rows(keep)
+                keep = None
+                if compact:
+                    still = [not row.done for row in computed]
+                    keep = drop_finished_rows(cache, torch.tensor(still, device=self.device))
+                if keep is not None:
                     attention, positions = attention[keep], positions[keep]
                     next_ids, temperature, top_p = next_ids[keep], temperature[keep], top_p[keep]
                     if mixer is not None:
                         mixer.select_rows(keep)
-                    live = [live[position] for position in still]
+                    live = [live[position] for position in keep.tolist()]
                 output = model(
                     input_ids=next_ids.unsqueeze(1), attention_mask=attention,
                     position_ids=positions, use_cache=True, **{self._cache_arg: cache},
