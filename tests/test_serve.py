@@ -279,7 +279,7 @@ EXTREME_VALUES = [  # (change, the 400's param; None: served)
     ({"temperature": 1e308}, "temperature"),
     ({"temperature": "hot"}, "temperature"),
     ({"top_p": 0}, "top_p"),
-    ({"weights": {"P2A": 10.0, "P3B": 0.5}}, None),  # MAX_WEIGHT
+    ({"weights": {"P2A": 10.0, "P3B": 0.5}}, None),  # MAX_SOUP_WEIGHT
     ({"weights": {"P2A": 10.5}}, "weights"),
     ({"weights": {"P2A": 1e308}}, "weights"),
     ({"weights": {"P2A": 10**400}}, "weights.P2A"),  # no float holds it
@@ -299,7 +299,7 @@ def test_extreme_numbers_get_a_400_naming_the_field_never_a_500(served, change, 
 
 
 def test_a_row_whose_logits_overflow_does_not_fail_its_batch(served):
-    """Weights past MAX_WEIGHT are refused at the edge; should a soup still overflow (say in
+    """Weights past MAX_SOUP_WEIGHT are refused at the edge; should a soup still overflow (say in
     float16), its row decodes greedily and the other rows of the batch are untouched."""
     import torch
 

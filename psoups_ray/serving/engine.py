@@ -25,8 +25,6 @@ from psoups_ray.rundir import RunDir, local_reference
 
 BASE_MODEL = "base"
 MODEL_PREFIX = "psoups:"
-MAX_WEIGHT = MAX_SOUP_WEIGHT
-"""Largest soup weight a request may give a pole (tuning's bound too)."""
 
 
 @dataclass(frozen=True)
@@ -172,9 +170,9 @@ class SoupCatalog:
                 )
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise PsoupsError(f"weights.{pole_id} must be a number, got {value!r}")
-            if not math.isfinite(value) or not 0 <= value <= MAX_WEIGHT:
+            if not math.isfinite(value) or not 0 <= value <= MAX_SOUP_WEIGHT:
                 raise PsoupsError(
-                    f"weights.{pole_id} must be a finite number >= 0 and <= {MAX_WEIGHT:g}, "
+                    f"weights.{pole_id} must be a finite number >= 0 and <= {MAX_SOUP_WEIGHT:g}, "
                     f"got {value}"
                 )
             canonical[pole_id] = float(value)

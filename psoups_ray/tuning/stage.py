@@ -40,7 +40,6 @@ from psoups_ray.tuning.search import (
     Sweep,
     best_trial,
     evaluate_single,
-    gain_span,
     measure_references,
     run_sweeps,
 )
@@ -194,9 +193,7 @@ def _references(config, pool, combinations, prompts) -> dict[str, dict[str, floa
         )
         + f"; {time.monotonic() - started:.0f}s)"
     )
-    weak = [
-        pole for pole, ref in references.items() if gain_span(ref) > ref["policy"] - ref["base"]
-    ]
+    weak = [pole for pole, ref in references.items() if ref["policy"] - ref["base"] < MIN_GAIN_SPAN]
     if weak:
         log(
             f"tune: warning: the policies of {', '.join(weak)} scored within {MIN_GAIN_SPAN:g} "
