@@ -266,7 +266,7 @@ def bench(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from psoups_ray.serving.app import build_app
+    from psoups_ray.serving.app import bind_app
     from psoups_ray.serving.engine import SoupCatalog
 
     if args.scaled_base:
@@ -291,7 +291,7 @@ def bench(args: argparse.Namespace) -> int:
         app_args = {"run": args.run, "max_batch_size": 8, "max_tokens": max(max_tokens, 16)}
 
         def deploy(strategy: str, name: str, prefix: str, model_options: dict) -> str:
-            app = build_app(
+            app = bind_app(
                 {**app_args, "strategy": strategy, "merged_cache_size": 2},
                 {"SoupModel": model_options, "Ingress": ingress},
             )

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def served(policy_run, tmp_path_factory):
     from ray import serve
 
     from psoups_ray.manifest import Manifest
-    from psoups_ray.serving.app import build_app
+    from psoups_ray.serving.app import bind_app
 
     source, _ = policy_run
     out = tmp_path_factory.mktemp("serve") / "run"
@@ -55,7 +56,7 @@ def served(policy_run, tmp_path_factory):
     port = _free_port()
     os.environ[TOKEN_ENV] = TOKEN
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app(
+    app = bind_app(
         {"run": str(out), "max_tokens": 48, "default_max_tokens": 16, "max_prompt_tokens": 64,
          "max_n": 3, "max_request_bytes": REQUEST_LIMIT, "auth_token_env": TOKEN_ENV},
         {"SoupModel": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}},
@@ -557,10 +558,10 @@ def test_merged_strategy_serves_the_same_soups_through_an_lru_of_merged_copies(s
     every soup, while alternating soups evict each other."""
     from ray import serve
 
-    from psoups_ray.serving.app import build_app
+    from psoups_ray.serving.app import bind_app
 
     out, base_url = served
-    app = build_app(
+    app = bind_app(
         {"run": str(out), "strategy": "merged", "merged_cache_size": 1, "max_tokens": 48},
         {"SoupModel": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
          "Ingress": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.05}}},
@@ -631,10 +632,10 @@ def test_a_killed_model_replica_is_replaced_and_only_its_requests_fail(served, r
     while its one SoupModel replica is SIGKILLed; Serve starts a replacement."""
     from ray import serve
 
-    from psoups_ray.serving.app import build_app
+    from psoups_ray.serving.app import bind_app
 
     out, base_url = served
-    app = build_app(
+    app = bind_app(
         {"run": str(out), "max_tokens": 16},
         {"SoupModel": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}},
          "Ingress": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.05}}},
@@ -667,3 +668,99 @@ def test_a_killed_model_replica_is_replaced_and_only_its_requests_fail(served, r
         assert response.status_code == 200, response.text
     finally:
         serve.delete("psoups-fault")
+
+
+def _serve_yaml(tmp_path: Path, run: Path, port: int) -> Path:
+    """serve_configs/tiny.yaml with ``args.run`` pointed at ``run`` and HTTP on ``port``."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "serve_configs" / "tiny.yaml").read_text())
+    config["http_options"]["port"] = port
+    (app,) = config["applications"]
+    app["args"]["run"] = str(run)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _first_chat_answer(base_url: str, alive, timeout_s: float = 300) -> dict:
+    """Poll until the app answers a chat completion (``alive()`` false: give up)."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline and alive():
+        try:
+            last = httpx.post(
+                f"{base_url}/v1/chat/completions",
+                json={"model": "psoups:P2A+P3B", "max_tokens": 8, "temperature": 0,
+                      "messages": [{"role": "user", "content": QUESTION}]},
+                timeout=60,
+            )  # fmt: skip
+            if last.status_code == 200:
+                return last.json()
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    raise AssertionError(f"no chat completion from {base_url}: {last and last.text[:500]}")
+
+
+def _ray_cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", TOKEN_ENV)}
+    return {**env, **extra}
+
+
+def test_serve_run_of_the_shipped_config_deploys_and_answers(served, tmp_path):
+    """Ray's own CLI, `serve run serve_configs/tiny.yaml`, in the foreground on a local
+    cluster of its own (its temp dir, so the test stops exactly what it started)."""
+    from clusters import stop_processes_naming
+
+    out, _ = served
+    port = _free_port()
+    config = _serve_yaml(tmp_path, out, port)
+    temp_root = tempfile.mkdtemp(prefix="psr-", dir="/tmp")  # short: socket paths
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("serve")), "run", str(config)],
+        cwd=REPO, env=_ray_cli_env(RAY_TMPDIR=temp_root),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        answer = _first_chat_answer(f"http://127.0.0.1:{port}", lambda: process.poll() is None)
+        assert answer["model"] == "psoups:P2A+P3B"
+        assert answer["psoups"] == {"weights": TUNED, "weights_from": "tuned"}
+        assert answer["choices"][0]["message"]["content"] == _engine_text(
+            out, "psoups:P2A+P3B", QUESTION, 8
+        )
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        stop_processes_naming(temp_root)
+        shutil.rmtree(temp_root, ignore_errors=True)
+
+
+def test_serve_deploy_of_the_shipped_config_to_a_ray_start_cluster_answers(served, tmp_path):
+    """`serve deploy` to a `ray start --head` cluster (token auth when this machine has a
+    token, as Ray >= 2.5x clusters do), then `serve shutdown`."""
+    from clusters import RayStartCluster
+
+    out, _ = served
+    port = _free_port()
+    config = _serve_yaml(tmp_path, out, port)
+    serve_cli = str(Path(sys.executable).with_name("serve"))
+    with RayStartCluster(num_cpus=2) as cluster:
+        address = ["--address", cluster.dashboard_url]
+        deployed = subprocess.run(
+            [serve_cli, "deploy", str(config), *address],
+            cwd=REPO, env=_ray_cli_env(), capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
+        answer = _first_chat_answer(f"http://127.0.0.1:{port}", lambda: True)
+        assert answer["psoups"] == {"weights": TUNED, "weights_from": "tuned"}
+        assert answer["choices"][0]["finish_reason"] in ("stop", "length")
+        stopped = subprocess.run(
+            [serve_cli, "shutdown", "--yes", *address],
+            cwd=REPO, env=_ray_cli_env(), capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        assert stopped.returncode == 0, stopped.stdout[-2000:] + stopped.stderr[-2000:]

@@ -477,11 +477,17 @@ class Ingress:
                 task.cancel()
 
 
-def build_app(args: dict[str, Any], deployment_options: dict[str, dict] | None = None):
-    """The application builder ``serve run``/``serve deploy`` call with the YAML's args.
+def build_app(args: dict[str, Any]):
+    """The application builder that ``serve run`` and ``serve deploy`` call with a Serve
+    YAML's ``args`` (Ray Serve requires exactly one parameter); the YAML's
+    ``deployments`` section is applied by Serve itself."""
+    return bind_app(args)
 
-    ``deployment_options`` ({deployment name: options}) is how ``psoups serve`` applies a
-    YAML's ``deployments`` section (``serve run`` applies it itself)."""
+
+def bind_app(args: dict[str, Any], deployment_options: dict[str, dict] | None = None):
+    """The bound application for ``args``: validated, and the run checked, before anything
+    starts. ``deployment_options`` ({deployment name: options}) is how ``psoups serve``
+    applies a YAML's ``deployments`` section, which ``serve run`` applies itself."""
     try:
         settings = ServeArgs.model_validate(args)
     except ValidationError as exc:

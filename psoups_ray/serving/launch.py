@@ -68,11 +68,11 @@ def serve_forever(run: str, config: str | None, host: str, port: int) -> None:
 
     from psoups_ray.config import RayConfig
     from psoups_ray.ray_utils import ensure_ray
-    from psoups_ray.serving.app import build_app
+    from psoups_ray.serving.app import bind_app
 
     args, deployments = read_serve_config(config) if config else ({}, {})
     args["run"] = run
-    app = build_app(args, deployments)  # validates before anything starts
+    app = bind_app(args, deployments)  # validates before anything starts
     ensure_ray(RayConfig())
     serve.start(http_options={"host": host, "port": port})
 
