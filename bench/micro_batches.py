@@ -48,10 +48,11 @@ def main() -> None:
     from datasets import Dataset
 
     from psoups_ray.base import sft
-    from psoups_ray.base.model import build_tiny_model, load_tokenizer
+    from psoups_ray.base.model import build_tiny_model
     from psoups_ray.base.stage import prepare_tiny_sft
     from psoups_ray.config import load_config
     from psoups_ray.rundir import RunDir
+    from psoups_ray.runtime.loading import load_tokenizer
     from psoups_ray.training import length_sorted_groups
 
     transformers.logging.set_verbosity_error()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import copy
 import json
 import resource
@@ -52,7 +53,7 @@ class SeparateCopiesPPOModels:
         from peft import LoraConfig, PeftModel, get_peft_model
         from transformers import AutoModelForSequenceClassification
 
-        from psoups_ray.rl.models import position_ids_for
+        from psoups_ray.runtime.batching import position_ids_for
 
         self._positions = position_ids_for
         self.pad_token_id = pad_token_id
@@ -88,14 +89,16 @@ class SeparateCopiesPPOModels:
             self.value_head.parameters()
         )
 
-    def generate(self, input_ids, attention_mask, reference=False, merged=False, **sampling):
-        from psoups_ray.generation import sample_tokens
+    @property
+    def peft(self):
+        return self.policy
 
-        model = self.reference if reference else self.policy.get_base_model()
-        return sample_tokens(model, input_ids, attention_mask, **sampling)
+    @contextlib.contextmanager
+    def sampling(self, reference=False, merged=False):
+        yield self.reference if reference else self.policy.get_base_model()
 
     def _logprobs(self, model, input_ids, attention_mask, query_length, temperature):
-        from psoups_ray.rl.ppo_math import entropy_from_logits, gather_logprobs
+        from psoups_ray.policies.ppo_math import entropy_from_logits, gather_logprobs
 
         logits = (
             model(
@@ -154,9 +157,9 @@ def run_layout(layout: str, args) -> dict:
 
     from psoups_ray.base.tokenizer import train_bpe_tokenizer
     from psoups_ray.config import PolicyConfig
-    from psoups_ray.rl.job import make_reward_fn
-    from psoups_ray.rl.models import RewardAdapter, SharedBasePPOModels
-    from psoups_ray.rl.trainer import PPOTrainer, Query
+    from psoups_ray.policies.models import SharedBasePPOModels
+    from psoups_ray.policies.trainer import PPOTrainer, Query
+    from psoups_ray.runtime.rewards import RewardAdapter, reward_input, score_right_padded
     from psoups_ray.world import TinyWorld
 
     torch.manual_seed(0)
@@ -202,9 +205,7 @@ def run_layout(layout: str, args) -> dict:
     policy_lora = LoraConfig(task_type=TaskType.CAUSAL_LM, **lora)
     adapter = RewardAdapter("P", str(reward_dir), False, 0.0, 1.0)
     if layout == "shared":
-        models = SharedBasePPOModels(
-            base_model, policy_lora, {"P": adapter}, None, tokenizer.pad_token_id
-        ).to(device)
+        models = SharedBasePPOModels(base_model, policy_lora, {"P": adapter}, None).to(device)
     else:
         models = SeparateCopiesPPOModels(
             base_model, policy_lora, str(reward_dir), tokenizer.pad_token_id
@@ -218,7 +219,15 @@ def run_layout(layout: str, args) -> dict:
         # which this benchmark of the layouts' memory should not count
         generation={"max_new_tokens": args.new_tokens, "merged": False},
     )
-    reward_fn = make_reward_fn(models, tokenizer, {"P": adapter}, {}, 512, args.batch // 2, device)
+
+    def reward_fn(queries, texts):  # both layouts score through their reward_scores
+        pairs = zip(queries, texts, strict=True)
+        inputs = ["".join(reward_input(tokenizer, q.prompt, t)) for q, t in pairs]
+        return score_right_padded(
+            tokenizer, inputs, args.batch // 2,
+            lambda ids, mask: models.reward_scores("P", ids.to(device), mask.to(device)), 512,
+        )  # fmt: skip
+
     trainer = PPOTrainer(models, tokenizer, spec, reward_fn, device=device)
     prompts = world.train_prompts
     timings = []

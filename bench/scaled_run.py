@@ -28,17 +28,17 @@ def make_scaled_run(source: str, out: str, hidden: int, layers: int, seed: int =
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from psoups_ray.base.model import load_tokenizer
-    from psoups_ray.manifest import Manifest
-    from psoups_ray.rundir import RunDir, local_reference
-    from psoups_ray.soup.adapters import read_lora_adapter
+    from psoups_ray.artifacts import RunArtifacts
+    from psoups_ray.runtime.adapters import read_lora_adapter
+    from psoups_ray.runtime.loading import load_base_tokenizer
 
-    data = Manifest.load(RunDir(source)).data
+    run = RunArtifacts.load(source)
+    data = run.data
     target = Path(out)
     if target.exists():
         raise SystemExit(f"{target} exists; choose a new --out")
-    tokenizer = load_tokenizer(local_reference(data["base"]["tokenizer_path"]))
-    original = AutoConfig.from_pretrained(local_reference(data["base"]["model_path"]))
+    tokenizer = load_base_tokenizer(run.base)
+    original = AutoConfig.from_pretrained(run.base.local_model())
     heads = max(1, hidden // 64)
     config = original.__class__(
         **{
@@ -58,8 +58,8 @@ def make_scaled_run(source: str, out: str, hidden: int, layers: int, seed: int =
     parameters = sum(p.numel() for p in model.parameters())
 
     policies = {}
-    for index, (pole, record) in enumerate((data.get("policies") or {}).items()):
-        template = read_lora_adapter(local_reference(record["path"]), pole).config
+    for index, (pole, artifact) in enumerate(run.trained_policies().items()):
+        template = read_lora_adapter(artifact.local_dir(), pole).config
         lora = LoraConfig(
             r=template["r"], lora_alpha=template["lora_alpha"], target_modules="all-linear",
             task_type="CAUSAL_LM",
@@ -72,7 +72,7 @@ def make_scaled_run(source: str, out: str, hidden: int, layers: int, seed: int =
                     parameter.normal_(0.0, 0.02)
         adapter_dir = target / "policies" / pole / "adapter"
         peft_model.save_pretrained(adapter_dir)
-        policies[pole] = {"kind": "pole", "path": str(adapter_dir.resolve()), "metrics": {}}
+        policies[pole] = {"kind": "pole", "path": f"./policies/{pole}/adapter", "metrics": {}}
 
     manifest = {
         **{key: data[key] for key in ("schema_version", "psoups_version", "preferences")},
@@ -82,8 +82,8 @@ def make_scaled_run(source: str, out: str, hidden: int, layers: int, seed: int =
         "stages": {},
         "base": {
             "model": f"random llama {hidden}x{layers}",
-            "model_path": str(base_dir.resolve()),
-            "tokenizer_path": str(base_dir.resolve()),
+            "model_path": "./base/model",
+            "tokenizer_path": "./base/model",
             "metrics": {"num_parameters": parameters},
         },
         "policies": policies,

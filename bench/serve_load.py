@@ -266,8 +266,8 @@ def bench(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from psoups_ray.serving.app import bind_app
-    from psoups_ray.serving.engine import SoupCatalog
+    from psoups_ray.serve.app import bind_app
+    from psoups_ray.serve.engine import SoupCatalog
 
     if args.scaled_base:
         import tempfile
@@ -357,7 +357,7 @@ def _in_process_latency(run: str, combo: str, max_tokens: int, repeats: int) -> 
     import torch
 
     from psoups_ray.prompting import format_prompt
-    from psoups_ray.serving.engine import GenerationJob, SamplingParams, SoupEngine
+    from psoups_ray.serve.engine import GenerationJob, SamplingParams, SoupEngine
 
     torch.set_num_threads(1)  # as the replica (OMP_NUM_THREADS=1)
     engine = SoupEngine(run, device="cpu")

@@ -49,15 +49,16 @@ def main() -> int:
 
     import ray
 
+    from psoups_ray.artifacts import RunArtifacts
     from psoups_ray.config import GenerationSpec, PsoupsConfig
     from psoups_ray.manifest import Manifest
     from psoups_ray.rundir import RunDir
+    from psoups_ray.runtime.pool import EvaluatorPool, evaluator_actor_class
+    from psoups_ray.runtime.queries import SoupModels
     from psoups_ray.seeding import derive_seed
-    from psoups_ray.soup.evaluator import evaluator_actor_class
-    from psoups_ray.soup.pool import EvaluatorPool, SoupModels
-    from psoups_ray.tuning.search import Sweep, best_trial, objective_of, run_sweeps, scale_grid
-    from psoups_ray.tuning.simplex import simplex_grid
-    from psoups_ray.tuning.stage import tune_prompts
+    from psoups_ray.tune.search import Sweep, best_trial, objective_of, run_sweeps, scale_grid
+    from psoups_ray.tune.simplex import simplex_grid
+    from psoups_ray.tune.stage import tune_prompts
 
     rundir = RunDir(args.run)
     data = Manifest.load(rundir).data
@@ -75,12 +76,13 @@ def main() -> int:
         address="local", num_cpus=args.concurrency, include_dashboard=False, log_to_driver=False
     )
     try:
-        models = SoupModels.from_manifest(data, config.base, config.rewards.max_length, False)
+        run = RunArtifacts(rundir, data)
+        models = SoupModels.from_run(run, config.rewards.max_length, False)
         actor = evaluator_actor_class(1.0, 0.0)
         pool = EvaluatorPool([actor.remote(models) for _ in range(args.concurrency)])
         sweep = Sweep(
             combination=poles,
-            prompts=tuple(tune_prompts(config, rundir)[0]),
+            prompts=tuple(tune_prompts(config, run)[0]),
             preference_prompt=space.preference_prompt(combination)
             if config.policies.prompted
             else None,
@@ -113,8 +115,8 @@ def main() -> int:
                 }
         # The best of 66 noisy measurements is biased upward (winner's curse): measure
         # both winners again on prompts no trial saw.
-        report_prompts = tune_prompts(config, rundir)[1]
-        from psoups_ray.soup.pool import SoupQuery
+        report_prompts = tune_prompts(config, run)[1]
+        from psoups_ray.runtime.queries import SoupQuery
 
         queries = [
             SoupQuery({p: results[name]["weights_exact"][p] for p in poles}, poles)

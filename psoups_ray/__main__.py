@@ -166,7 +166,7 @@ def _command(args: argparse.Namespace) -> int:
     from psoups_ray.config import SMOKE_TEST_OVERRIDES, explain, load_config
 
     if args.command == "merge":
-        from psoups_ray.soup.export import make_soup, parse_weights
+        from psoups_ray.runtime.export import make_soup, parse_weights
 
         if not 0 < args.density <= 1:
             raise PsoupsError(f"--density must be in (0, 1], got {args.density}")
@@ -183,7 +183,7 @@ def _command(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "serve":
-        from psoups_ray.serving.launch import serve_forever
+        from psoups_ray.serve.launch import serve_forever
 
         if not 0 < args.port < 65536:
             raise PsoupsError(f"--port must be in 1-65535, got {args.port}")
@@ -231,7 +231,7 @@ def _command(args: argparse.Namespace) -> int:
     log(f"complete stages: {', '.join(complete) or 'none'}")
     log(f"manifest: {manifest.rundir.uri('manifest.json')}")
     if manifest.is_complete("report"):
-        log(f"report: {manifest.data['report']['path']}")
+        log(f"report: {manifest.rundir.resolve(manifest.data['report']['path'])}")
     if manifest.is_complete("policies"):
         log(f"serve it: psoups serve --run {manifest.rundir.location}   (then any combination "
             "per request, model 'psoups:P1A+P2B+P3A', on http://127.0.0.1:8000/v1)")  # fmt: skip

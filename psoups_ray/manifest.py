@@ -31,6 +31,8 @@ from psoups_ray.rundir import RunDir
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+STAGE_ORDER = ("base", "feedback", "rewards", "policies", "tune", "evaluate", "report")
+"""The pipeline's stages in order, as the manifest's ``stages`` records them."""
 ARTIFACT_SECTIONS = (
     "base",
     "feedback",

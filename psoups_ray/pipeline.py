@@ -17,7 +17,7 @@ from typing import Any
 
 from psoups_ray.config import PsoupsConfig
 from psoups_ray.errors import ConfigError, PsoupsError
-from psoups_ray.manifest import Manifest, diff_keys
+from psoups_ray.manifest import STAGE_ORDER, Manifest, diff_keys
 from psoups_ray.progress import log
 from psoups_ray.rundir import RunDir
 
@@ -36,7 +36,7 @@ def _check_base(config: PsoupsConfig) -> None:
 
 def _check_policies(config: PsoupsConfig) -> None:
     from psoups_ray.errors import ConfigError
-    from psoups_ray.feedback.text_judges import text_judge_problems
+    from psoups_ray.judges.text import text_judge_problems
 
     if config.uses_text_judge:  # each run measures its text judge win rate at the end
         problems = text_judge_problems("policies (text judge win rates)")
@@ -63,13 +63,13 @@ def _run_rewards(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
 
 
 def _run_policies(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
-    from psoups_ray.rl.stage import run_policies_stage
+    from psoups_ray.policies.stage import run_policies_stage
 
     return run_policies_stage(config, rundir)
 
 
 def _run_tune(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
-    from psoups_ray.tuning.stage import run_tune_stage
+    from psoups_ray.tune.stage import run_tune_stage
 
     return run_tune_stage(config, rundir)
 
@@ -165,6 +165,7 @@ STAGES: tuple[Stage, ...] = (
     ),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
+assert STAGE_NAMES == STAGE_ORDER, "the manifest's stage order is the pipeline's"
 _BY_NAME = {stage.name: stage for stage in STAGES}
 
 
@@ -185,6 +186,8 @@ def preflight_problems(config: PsoupsConfig) -> list[str]:
 
 def describe_plan(config: PsoupsConfig) -> list[str]:
     """What ``psoups run`` would do with ``config``: runs per stage and their resources."""
+    from psoups_ray.judges.attributes import attribute_judge
+
     space = config.space
     combinations = config.tune.combinations or [str(c) for c in space.full_combinations()]
 
@@ -222,7 +225,7 @@ def describe_plan(config: PsoupsConfig) -> list[str]:
         ),  # fmt: skip
         f"evaluate: {', '.join(evaluate.systems)} on {evaluate.num_prompts} prompts; judges "
         "reward"
-        + (", attributes" if base.is_tiny else "")
+        + (", attributes" if attribute_judge(config) is not None else "")
         + (", text" if evaluate.text_judge else "")
         + (f", llm ({evaluate.llm_judge.model})" if evaluate.llm_judge else ""),
     ]

@@ -33,6 +33,11 @@ import pyarrow.fs as pafs
 from psoups_ray.errors import StorageError
 
 CACHE_ENV = "PSOUPS_CACHE_DIR"
+RUN_RELATIVE = "./"
+"""Prefix of a manifest location relative to its run directory."""
+GENERATION_FILE = ".psoups-generation"
+"""In every directory artifact :meth:`RunDir.upload_dir` writes: a fresh id per upload, which
+keys the download cache of a remote run (a redone stage's new copy is a new key)."""
 
 
 def _cache_root() -> Path:
@@ -79,8 +84,24 @@ class RunDir:
         scheme = self.location.split("://", 1)[0]
         return f"{scheme}://{self.path(relpath).lstrip('/')}"
 
+    def locate(self, relpath: str) -> str:
+        """The location to record in the manifest for ``relpath``: relative to the run
+        directory (``./<relpath>``), so the run reads the same wherever it is copied or
+        moved; :meth:`resolve` turns it back into a path or URI."""
+        return RUN_RELATIVE + relpath.strip("/")
+
+    def resolve(self, location: str) -> str:
+        """Where a recorded location is now: a run-relative one (:meth:`locate`) under this
+        run directory; anything else (a hub id, a user's file, an older run's absolute
+        location) as it is."""
+        if location.startswith(RUN_RELATIVE):
+            return self.uri(location[len(RUN_RELATIVE) :])
+        return location
+
     def relpath_of(self, uri_or_path: str) -> str | None:
         """The run-relative path of a location this run directory produced, else None."""
+        if uri_or_path.startswith(RUN_RELATIVE):
+            return uri_or_path[len(RUN_RELATIVE) :]
         root_uri = self.uri()
         if uri_or_path == root_uri:
             return ""
@@ -176,6 +197,8 @@ class RunDir:
                 source_filesystem=pafs.LocalFileSystem(),
                 destination_filesystem=self.fs,
             )
+            with self.fs.open_output_stream(f"{staging}/{GENERATION_FILE}") as stream:
+                stream.write(uuid.uuid4().hex.encode())
             if self.fs.get_file_info(target).type != pafs.FileType.NotFound:
                 self.fs.delete_dir(target)
             self.fs.move(staging, target)
@@ -198,12 +221,16 @@ class RunDir:
 
     def local_dir(self, relpath: str) -> Path:
         """A local directory holding ``relpath``: the directory itself on local storage,
-        else a cached download (keyed by location)."""
+        else a cached download, keyed by location and generation (:data:`GENERATION_FILE`,
+        or for a directory uploaded otherwise its files' sizes and modification times), so
+        a redone stage's new copy is downloaded again, never served stale."""
         if not self.is_dir(relpath):
             raise missing_artifact(self.uri(relpath), "artifact directory")
         if self.is_local:
             return Path(self.path(relpath))
-        key = hashlib.sha256(self.uri(relpath).encode()).hexdigest()[:16]
+        key = hashlib.sha256(
+            f"{self.uri(relpath)}\n{self._generation(relpath)}".encode()
+        ).hexdigest()[:16]
         cached = _cache_root() / key
         if not cached.exists():
             _cache_root().mkdir(parents=True, exist_ok=True)
@@ -219,6 +246,18 @@ class RunDir:
             except OSError:  # another process won the race
                 shutil.rmtree(staging, ignore_errors=True)
         return cached
+
+    def _generation(self, relpath: str) -> str:
+        marker = f"{relpath.rstrip('/')}/{GENERATION_FILE}"
+        if self.exists(marker):
+            return self.read_text(marker)
+        selector = pafs.FileSelector(self.path(relpath), recursive=True)
+        files = sorted(
+            (info.path, info.size, info.mtime_ns)
+            for info in self.fs.get_file_info(selector)
+            if info.type == pafs.FileType.File
+        )
+        return json.dumps(files)
 
 
 _OUT_OF_SPACE = {

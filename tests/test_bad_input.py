@@ -209,12 +209,12 @@ def serve_configs_of_any_shape(draw) -> Any:
 @given(data=serve_configs_of_any_shape())
 @example(data=42)
 @example(data={"applications": "psoups"})
-@example(data={"applications": [{"import_path": "psoups_ray.serving.app:build_app",
+@example(data={"applications": [{"import_path": "psoups_ray.serve.app:build_app",
                                  "deployments": [{"num_replicas": 2}]}]})  # fmt: skip
 def test_any_serve_config_reads_or_is_a_clear_error(tmp_path_factory, data):
     import yaml
 
-    from psoups_ray.serving.launch import read_serve_config
+    from psoups_ray.serve.launch import read_serve_config
 
     path = tmp_path_factory.mktemp("serve") / "serve.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -227,7 +227,7 @@ def test_any_serve_config_reads_or_is_a_clear_error(tmp_path_factory, data):
 
 
 def test_a_serve_config_with_a_key_twice_is_refused(tmp_path):
-    from psoups_ray.serving.launch import read_serve_config
+    from psoups_ray.serve.launch import read_serve_config
 
     args, deployments = read_serve_config(str(REPO / "serve_configs" / "tiny.yaml"))
     assert args["strategy"] == "mixing" and set(deployments) == {"SoupModel", "Ingress"}

@@ -27,13 +27,17 @@ def test_tiny_base_on_two_workers_then_skip_refuse_and_force(ray_cluster, tmp_pa
     )
     manifest = run_pipeline(config, out, ["base"])
     base = manifest.data["base"]
+    # Recorded relative to the run directory, so the run can move.
+    assert base["model_path"] == base["tokenizer_path"] == "./base/model"
+    model_path = manifest.rundir.resolve(base["model_path"])
+    assert model_path == str(Path(out, "base", "model"))
 
     # An ordinary HF model + tokenizer directory that plain transformers loads.
-    model = AutoModelForCausalLM.from_pretrained(base["model_path"])
-    tokenizer = AutoTokenizer.from_pretrained(base["tokenizer_path"])
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(manifest.rundir.resolve(base["tokenizer_path"]))
     assert model.config.vocab_size == len(tokenizer)
     assert tokenizer.chat_template and tokenizer.eos_token == "<|eos|>"
-    assert not Path(base["model_path"], "training_args.bin").exists()  # no pickles
+    assert not Path(model_path, "training_args.bin").exists()  # no pickles
     text = "How do volcanoes work?"
     assert tokenizer.decode(tokenizer(text).input_ids) == text
 
@@ -47,7 +51,7 @@ def test_tiny_base_on_two_workers_then_skip_refuse_and_force(ray_cluster, tmp_pa
     assert on_disk["base"]["model_path"] == base["model_path"]
 
     # Re-running a complete stage skips it (the model is not rewritten).
-    weights = Path(base["model_path"], "model.safetensors")
+    weights = Path(model_path, "model.safetensors")
     stamp = weights.stat().st_mtime_ns
     run_pipeline(config, out, ["base"])
     assert weights.stat().st_mtime_ns == stamp
@@ -101,7 +105,9 @@ def test_real_model_reference_is_validated_and_optionally_fine_tuned(ray_cluster
         ],
     )
     manifest = run_pipeline(config, str(tmp_path / "run-sft"), ["base"])
-    tuned = AutoModelForCausalLM.from_pretrained(manifest.data["base"]["model_path"])
+    tuned = AutoModelForCausalLM.from_pretrained(
+        manifest.rundir.resolve(manifest.data["base"]["model_path"])
+    )
     changed = [
         name
         for name, p in tuned.named_parameters()

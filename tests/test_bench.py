@@ -48,7 +48,7 @@ def test_generation_benchmark_compares_the_three_decoders():
     stdout, ratios = run_bench("bench/generation.py", "--smoke-test")
     assert all(f"{name}: " in stdout for name in ("hf", "loop", "merged"))
     assert ratios["loop"] > 0 and ratios["merged"] > 0
-    assert ratios["loop_equals_hf"] is True and ratios["restored"] is True
+    assert ratios["greedy_equals_hf"] is True and ratios["restored"] is True
 
 
 def test_micro_batch_benchmark_trains_the_same_sft_steps_both_ways():
@@ -73,7 +73,7 @@ def test_scaled_run_has_a_bigger_base_that_serves_the_same_soups_both_ways(polic
     import torch
 
     from psoups_ray.prompting import format_prompt
-    from psoups_ray.serving.engine import GenerationJob, SamplingParams, SoupEngine
+    from psoups_ray.serve.engine import GenerationJob, SamplingParams, SoupEngine
 
     source, _ = policy_run
     out = tmp_path / "scaled"

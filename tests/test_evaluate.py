@@ -13,6 +13,7 @@ import pytest
 import torch
 from judge_server import JudgeServer
 
+from psoups_ray.artifacts import RunArtifacts
 from psoups_ray.errors import ConfigError
 from psoups_ray.evaluate import reward_outcome, share_outcome, win_rates
 from psoups_ray.evaluate.stage import check_evaluate_config, system_query
@@ -233,9 +234,9 @@ def test_the_soups_answers_are_reproduced_in_process(evaluated):
     """The samples are real generations: the same query, prompts and seed give the same
     responses (and rewards) outside Ray."""
     from psoups_ray.evaluate.stage import evaluation_prompts
+    from psoups_ray.runtime.evaluator import SoupEvaluator
+    from psoups_ray.runtime.queries import SoupModels
     from psoups_ray.seeding import derive_seed
-    from psoups_ray.soup.evaluator import SoupEvaluator
-    from psoups_ray.soup.pool import SoupModels
 
     out, manifest, _ = evaluated
     config = _config()
@@ -244,10 +245,9 @@ def test_the_soups_answers_are_reproduced_in_process(evaluated):
     own = [s for s in SYSTEMS if s not in ("base", "rlhf")]
     tuned = manifest.data["tuned_weights"][combo]
     queries = [system_query(s, poles, config.space, tuned, False) for s in own]
-    prompts, _ = evaluation_prompts(config, RunDir(out), manifest.data)
-    models = SoupModels.from_manifest(
-        manifest.data, config.base, config.rewards.max_length, False, ["rlhf", "pmorl"]
-    )
+    run = RunArtifacts.load(out)
+    prompts, _ = evaluation_prompts(config, run)
+    models = SoupModels.from_run(run, config.rewards.max_length, False, ["rlhf", "pmorl"])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the 1-CPU actor
     try:
@@ -265,6 +265,48 @@ def test_the_soups_answers_are_reproduced_in_process(evaluated):
             assert [r["rewards"][pole] for r in recorded] == pytest.approx(
                 result["rewards"][pole], abs=1e-3
             )
+
+
+@pytest.mark.integration
+def test_every_samples_request_posted_to_psoups_serve_returns_its_response(evaluated):
+    """What is evaluated is what is served: each row's recorded request (the soup, the user
+    message, the seed and the sampling settings) POSTed to the run's Serve app returns the
+    row's response text. Every row of every soup system is asked, and one of each other
+    system (base, base+prompt, the baselines served whole)."""
+    import socket
+
+    import httpx
+    from ray import serve
+
+    from psoups_ray.serve.app import bind_app
+
+    out, _, _ = evaluated
+    rows = _samples(out)
+    chosen = [row for row in rows if row["system"] in ("psoups-uniform", "psoups-tuned")]
+    for system in ("base", "base+prompt", "rlhf", "pmorl"):
+        chosen.append(next(row for row in rows if row["system"] == system))
+    assert all("request" in row for row in rows)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = bind_app(
+        {"run": str(out), "max_tokens": 64, "max_batch_size": 4},
+        {"SoupModel": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}},
+         "Ingress": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}}},
+    )  # fmt: skip
+    serve.run(app, name="psoups-evaluated", route_prefix="/evaluated")
+    try:
+        url = f"http://127.0.0.1:{port}/evaluated/v1/chat/completions"
+        with httpx.Client(timeout=120) as client:
+            for row in chosen:
+                answer = client.post(url, json=row["request"])
+                assert answer.status_code == 200, answer.text
+                text = answer.json()["choices"][0]["message"]["content"]
+                assert text == row["response"], (row["system"], row["combination"])
+    finally:
+        serve.delete("psoups-evaluated")
+        serve.shutdown()  # the serve tests start Serve on a port of their own
 
 
 @pytest.mark.integration
@@ -324,7 +366,7 @@ def test_the_report_has_every_table_and_plot_and_rebuilds(evaluated, capsys):
         f"pole's own policy; reward base → policy on the trial prompts: {ends}), the weights' "
         "total searched from 1 to 3."
     ) in report
-    plots = manifest.data["report"]["plots"]
+    plots = [manifest.rundir.resolve(p) for p in manifest.data["report"]["plots"]]
     names = sorted(Path(p).name for p in plots)
     assert names == [
         "pareto_fronts.png", "reward_curves.png", "win_rates_attributes_psoups-tuned.png",
@@ -371,7 +413,7 @@ def _hand_written(texts: list[str]):
 
 def test_the_text_judge_decides_criterion_by_criterion():
     from psoups_ray.evaluate.llm import criterion_outcomes, text_judgements
-    from psoups_ray.feedback.text_judges import TextJudge
+    from psoups_ray.judges.text import TextJudge
 
     combinations = [("P3A",), ("P3B",), ("P3A", "P3B"), ("P2A", "P3A")]
     responses = {
@@ -399,8 +441,8 @@ def test_the_text_judge_decides_criterion_by_criterion():
 
 
 def test_a_policys_text_judge_win_rate_is_per_pole_over_the_queries_asking_for_it():
-    from psoups_ray.rl.job import _text_judge_win_rates
-    from psoups_ray.rl.trainer import Query
+    from psoups_ray.policies.job import _text_judge_win_rates
+    from psoups_ray.policies.trainer import Query
 
     queries = [  # like the rlhf baseline's: the first asks for both style poles
         Query(PROMPTS[0], None, ("P3A", "P3B")),
@@ -422,9 +464,9 @@ def text_judged_run(tmp_path, monkeypatch):
 
     from psoups_ray.evaluate import stage
     from psoups_ray.manifest import Manifest
+    from psoups_ray.policies.job import _text_judge_win_rates
+    from psoups_ray.policies.trainer import Query
     from psoups_ray.report.build import build_report
-    from psoups_ray.rl.job import _text_judge_win_rates
-    from psoups_ray.rl.trainer import Query
 
     config = policy_test_config(
         "evaluate.text_judge=true", "evaluate.systems=[base,psoups-tuned]",
@@ -456,7 +498,7 @@ def text_judged_run(tmp_path, monkeypatch):
         for key in TEXT_COMBOS
     }
     monkeypatch.setattr(stage, "evaluation_prompts", lambda *args: (PROMPTS, 0))
-    models = SimpleNamespace(from_manifest=lambda *args: SimpleNamespace(tiny_world=False))
+    models = SimpleNamespace(from_run=lambda *args: SimpleNamespace(attributes=None))
     monkeypatch.setattr(stage, "SoupModels", models)
     monkeypatch.setattr(stage, "_generate", lambda *args: (answers, []))
     sections = stage.run_evaluate_stage(config, rundir)

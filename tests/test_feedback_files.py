@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from psoups_ray.artifacts import PreferenceRow, load_feedback
 from psoups_ray.config import FeedbackFileSpec, load_config
 from psoups_ray.errors import PsoupsError
-from psoups_ray.feedback import PreferenceRow, load_feedback, run_feedback_stage
+from psoups_ray.feedback import run_feedback_stage
 from psoups_ray.feedback.files import read_feedback_files
 from psoups_ray.preferences import PreferenceSpace
 from psoups_ray.rundir import RunDir

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from psoups_ray.artifacts import BaseArtifact, load_feedback
 from psoups_ray.config import GenerationSpec, PsoupsConfig, TinyModelSpec
 from psoups_ray.errors import PsoupsError
-from psoups_ray.feedback import CheckerJudge, load_feedback, run_feedback_stage
+from psoups_ray.feedback import run_feedback_stage
 from psoups_ray.feedback.generate import (
     PoleSampling,
     SamplingJob,
@@ -25,6 +26,7 @@ from psoups_ray.feedback.generate import (
     sample_and_judge,
     sample_prompts,
 )
+from psoups_ray.judges.attributes import AttributeJudge
 from psoups_ray.manifest import Manifest
 from psoups_ray.preferences import PAPER_DIMENSIONS
 from psoups_ray.rundir import RunDir
@@ -127,7 +129,7 @@ def test_generate_source_end_to_end_with_the_checker_judge(ray_cluster, tmp_path
     assert section["ties"] == {p: sum(t["pole"] == p for t in ties) for p in ("P3A", "P3B")}
     assert section["judged"] == {"P3A": 12, "P3B": 12}
     assert section["judge"]["type"] == "checkers"
-    assert section["labels_path"] == rundir.uri("feedback/labels.jsonl")
+    assert section["labels_path"] == "./feedback/labels.jsonl"
 
     train, eval_rows = load_feedback(rundir, "train"), load_feedback(rundir, "eval")
     assert len(train) + len(eval_rows) == len(labels) - len(ties)
@@ -175,23 +177,19 @@ def test_generate_with_the_openai_judge_caches_and_never_writes_the_key(
 def test_sample_and_judge_without_ray(tiny_model_dir):
     world = TinyWorld()
     job = SamplingJob(
-        model_path=str(tiny_model_dir),
-        tokenizer_path=str(tiny_model_dir),
-        dtype="float32",
-        revision=None,
-        trust_remote_code=False,
+        base=BaseArtifact(str(tiny_model_dir), str(tiny_model_dir)),
         poles=(PoleSampling("P3A", "Be friendly.", tuple(world.train_prompts[:6])),),
         generation=GenerationSpec(max_new_tokens=32, batch_size=4),
         seed=0,
     )
-    labels = sample_and_judge(job, CheckerJudge())
+    labels = sample_and_judge(job, AttributeJudge())
     assert [label.prompt for label in labels] == list(world.train_prompts[:6])
     for label in labels:
         if label.response_a.strip() == label.response_b.strip():
             assert (label.verdict, label.skipped) == ("tie", "identical responses")
         if label.verdict != "tie":
             assert "P3A" in exhibited_poles(label.to_row().chosen)
-    assert sample_and_judge(job, CheckerJudge()) == labels  # seeded
+    assert sample_and_judge(job, AttributeJudge()) == labels  # seeded
 
 
 def test_generate_needs_a_base_model(tmp_path):
@@ -233,15 +231,16 @@ def test_contrast_pairs_share_a_dimensions_samples_and_judge_them_for_both_poles
     friendly, unfriendly = (pole["prompt"] for pole in STYLE_ONLY["dimensions"][0]["poles"])
     assert (sampling.pole, sampling.also_judged) == ("P3A", ("P3B",))
     assert (sampling.preference_prompt, sampling.contrast_prompt) == (friendly, unfriendly)
-    labels = sample_and_judge(job, CheckerJudge())
+    labels = sample_and_judge(job, AttributeJudge())
     by_pole = {pole: [label for label in labels if label.pole == pole] for pole in ("P3A", "P3B")}
     assert len(by_pole["P3A"]) == len(by_pole["P3B"]) == 12
-    opposite = {"a": "b", "b": "a", "tie": "tie"}
     for mine, theirs in zip(by_pole["P3A"], by_pole["P3B"], strict=True):
         assert (mine.prompt, mine.response_a, mine.response_b) == (
             theirs.prompt, theirs.response_a, theirs.response_b,
         )  # fmt: skip
-        assert theirs.verdict == opposite[mine.verdict]  # the checkers see one style or the other
+        # No response is both friendly and unfriendly, so the two poles never pick the same
+        # winner (a response of neither style makes one of them a tie).
+        assert mine.verdict == "tie" or theirs.verdict != mine.verdict
     assert any(label.verdict != "tie" for label in labels)
 
     three = PsoupsConfig.model_validate(

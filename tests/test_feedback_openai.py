@@ -11,8 +11,8 @@ from judge_server import MARKER, JudgeServer
 
 from psoups_ray.config import OpenAIJudgeSpec
 from psoups_ray.errors import PsoupsError
-from psoups_ray.feedback.judges import PairToJudge
-from psoups_ray.feedback.openai_judge import JudgeCache, OpenAIJudge, parse_answer
+from psoups_ray.judges import PairToJudge
+from psoups_ray.judges.openai import JudgeCache, OpenAIJudge, parse_answer
 from psoups_ray.rundir import RunDir
 
 API_KEY = "sk-psoups-test-4f9a1c"

@@ -8,14 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from psoups_ray.artifacts import PreferenceRow, load_feedback
 from psoups_ray.config import load_config
 from psoups_ray.errors import ConfigError, PsoupsError, StorageError
-from psoups_ray.feedback import (
-    PreferenceRow,
-    check_feedback_config,
-    load_feedback,
-    run_feedback_stage,
-)
+from psoups_ray.feedback import check_feedback_config, run_feedback_stage
 from psoups_ray.feedback.rows import split_by_prompt
 from psoups_ray.feedback.stage import world_feedback
 from psoups_ray.rundir import RunDir
@@ -58,8 +54,9 @@ def test_world_stage_writes_artifacts_and_section(tmp_path):
     section = run_feedback_stage(world_config(), rundir)
     assert section["source"] == "world"
     assert section["counts"] == {pole: {"train": 18, "eval": 2} for pole in POLES}
-    assert section["train_path"] == str(tmp_path / "run" / "feedback" / "train.jsonl")
-    first = json.loads(Path(section["train_path"]).read_text().splitlines()[0])
+    assert section["train_path"] == "./feedback/train.jsonl"  # relative: the run can move
+    assert rundir.resolve(section["train_path"]) == str(tmp_path / "run/feedback/train.jsonl")
+    first = json.loads(Path(rundir.resolve(section["train_path"])).read_text().splitlines()[0])
     assert set(first) == {"prompt", "pole", "chosen", "rejected"}
     assert "Generate a response" not in first["prompt"]  # the raw instruction only
     assert load_feedback(rundir, "train") == world_feedback(world_config())[0]

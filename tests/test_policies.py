@@ -21,12 +21,15 @@ import pytest
 import torch
 from faults import checkpoint_steps, train_workers_of
 
+from psoups_ray.artifacts import RunArtifacts
 from psoups_ray.manifest import Manifest
 from psoups_ray.pipeline import run_pipeline
+from psoups_ray.policies.job import build_trainer, sample_queries
+from psoups_ray.policies.stage import policy_jobs
 from psoups_ray.rewards import RewardScorer
-from psoups_ray.rl.job import build_trainer, sample_queries
-from psoups_ray.rl.stage import policy_jobs
 from psoups_ray.rundir import RunDir
+from psoups_ray.runtime.evaluator import SoupEvaluator
+from psoups_ray.runtime.queries import SoupModels
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +52,8 @@ def test_every_pole_and_baseline_is_trained_and_recorded(policy_run):
     assert sorted(policies) == POLES
     assert sorted(baselines) == ["pmorl", "rlhf"]
     for name, record in [*policies.items(), *baselines.items()]:
-        assert Path(record["path"], "adapter_config.json").is_file(), name
+        path = manifest.rundir.resolve(record["path"])
+        assert Path(path, "adapter_config.json").is_file(), name
         metrics = record["metrics"]
         assert metrics["steps"] == 3 and metrics["resumed_from_step"] == 0
         held_out = metrics["eval"]
@@ -57,7 +61,7 @@ def test_every_pole_and_baseline_is_trained_and_recorded(policy_run):
         for which in ("policy", "base"):
             assert set(held_out[which]["target_rates"]) <= set(POLES)
         assert held_out["policy"]["kl_to_reference"] == held_out["policy"]["kl_to_reference"]
-        history = json.loads(Path(record["path"]).parent.joinpath("metrics.json").read_text())
+        history = json.loads(Path(path).parent.joinpath("metrics.json").read_text())
         assert len(history["history"]) == 3
         assert HISTORY_KEYS <= set(history["history"][0]), name
     # P-MORL asks for one combination per query; the single-reward baseline for every pole.
@@ -111,8 +115,8 @@ def test_the_runs_executed_concurrently(policy_run):
 
 def test_policy_adapter_loads_with_plain_peft(policy_run):
     out, manifest = policy_run
-    adapter = manifest.data["policies"]["P3A"]["path"]
-    base = manifest.data["base"]["model_path"]
+    adapter = manifest.rundir.resolve(manifest.data["policies"]["P3A"]["path"])
+    base = manifest.rundir.resolve(manifest.data["base"]["model_path"])
     script = textwrap.dedent(f"""
         import sys, torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -147,14 +151,30 @@ def test_ppo_step_trains_only_the_adapters_and_scores_like_the_reward_models(pol
     models = trainer.models
     queries = sample_queries(job, step=0, rank=0, count=4)
 
-    # Rewards read through the shared base equal the reward models loaded on their own.
-    texts = ["Hi there, my friend! Salt is a mineral. Hope this helps!", "Obviously. Salt."] * 2
+    # One reward rule: PPO's reward function, the tune/evaluate evaluator and the public
+    # RewardScorer give the same normalised score, for a text longer than the reward
+    # models' max length too (each keeps its first rewards.max_length tokens).
+    long_text = " ".join(["Hi there, my friend! Salt is a mineral, sodium chloride."] * 60)
+    texts = ["Hi there, my friend! Salt is a mineral. Hope this helps!", "Obviously. Salt.",
+             long_text, long_text + " Obviously."]  # fmt: skip
+    scored = [*queries[:3], queries[2]]  # the two long texts answer the same query
+    prompts = [q.prompt for q in scored]
+    tokenizer = trainer.tokenizer
+    assert len(tokenizer(texts[2])["input_ids"]) > config.rewards.max_length
     scorer = RewardScorer.from_run(rundir)
-    expected = scorer.score("P3A", [q.prompt for q in queries], texts)
-    assert torch.allclose(trainer.reward_fn(queries, texts), expected, atol=1e-4)
+    expected = scorer.score("P3A", prompts, texts)
+    assert torch.allclose(trainer.reward_fn(scored, texts), expected, atol=1e-4)
+    evaluator = SoupEvaluator(SoupModels.from_run(RunArtifacts.load(out),
+                                                  config.rewards.max_length, False))  # fmt: skip
+    tuned = evaluator.normalized_rewards("P3A", prompts, texts, batch_size=3)
+    assert torch.allclose(tuned, expected, atol=1e-4)
+    # Past max_length nothing counts: the two long texts differ only after it.
+    assert expected[2] == pytest.approx(float(expected[3]), abs=1e-5)
+    del evaluator
 
     # A fresh LoRA policy is the reference (B = 0), token for token.
-    encoded, responses = trainer.sample(queries, 24, 1.0, 1.0, seed=0)
+    sampled = trainer.sample(queries, 24, 1.0, 1.0, seed=0)
+    encoded, responses = sampled.encoded, sampled.responses
     ids = torch.cat([encoded["input_ids"], responses], dim=1)
     attention = torch.ones_like(ids)
     attention[:, : encoded["input_ids"].shape[1]] = encoded["attention_mask"]
@@ -230,7 +250,8 @@ def test_killed_worker_resumes_from_its_checkpoint(policy_run, tmp_path):
         if step:
             assert step >= newest.get(pole, 0), (pole, step, newest)
     for record in policies.values():
-        history = json.loads(Path(record["path"]).parent.joinpath("metrics.json").read_text())
+        path = RunDir(out).resolve(record["path"])
+        history = json.loads(Path(path).parent.joinpath("metrics.json").read_text())
         assert [int(m["step"]) for m in history["history"]] == list(range(1, 5))
 
 
@@ -241,8 +262,8 @@ def test_merge_command_exports_the_soup_as_adapter_and_model(policy_run, tmp_pat
     from psoups_ray.__main__ import main
 
     out, manifest = policy_run
-    base = manifest.data["base"]["model_path"]
-    policy_dir = manifest.data["policies"]["P3A"]["path"]
+    base = manifest.rundir.resolve(manifest.data["base"]["model_path"])
+    policy_dir = manifest.rundir.resolve(manifest.data["policies"]["P3A"]["path"])
     assert main(["merge", "--run", str(out), "--combo", "p3a", "--out", str(tmp_path / "a")]) == 0
     code = main(
         [

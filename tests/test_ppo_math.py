@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from psoups_ray.rl.ppo_math import (
+from psoups_ray.policies.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,

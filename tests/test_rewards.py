@@ -17,6 +17,7 @@ import yaml
 from conftest import keep_dimensions
 from faults import ManifestWatcher, checkpoint_steps, train_workers_of
 
+from psoups_ray.artifacts import AdapterArtifact, RunArtifacts
 from psoups_ray.config import SMOKE_TEST_OVERRIDES, load_config
 from psoups_ray.manifest import Manifest
 from psoups_ray.pipeline import run_pipeline
@@ -150,8 +151,8 @@ def test_reward_score_tracks_the_attribute_checker(rewarded_run):
 
 def test_adapter_loads_with_plain_peft_and_transformers(rewarded_run):
     out, manifest = rewarded_run
-    adapter = manifest.data["rewards"]["P3A"]["path"]
-    base = manifest.data["base"]["model_path"]
+    adapter = manifest.rundir.resolve(manifest.data["rewards"]["P3A"]["path"])
+    base = manifest.rundir.resolve(manifest.data["base"]["model_path"])
     script = textwrap.dedent(f"""
         import sys, torch
         from peft import PeftModel
@@ -225,7 +226,7 @@ def test_deepspeed_zero2_on_cpu(feedback_run, tmp_path):
     rundir = RunDir(out)
     job = next(
         j
-        for j in reward_jobs(config, rundir, Manifest.load(rundir).data["base"])
+        for j in reward_jobs(config, RunArtifacts(rundir, Manifest.load(rundir).data))
         if j.name == "P1B"
     )
     fit_torch_runs(
@@ -236,11 +237,10 @@ def test_deepspeed_zero2_on_cpu(feedback_run, tmp_path):
     assert metrics["deepspeed_stage"] == 2
     assert metrics["eval"]["P1B"]["accuracy"] >= 0.85, metrics
     scorer = RewardScorer(
-        {"P1B": {"path": rundir.uri(job.output_relpath)}},
-        job.base_model_path,
-        job.tokenizer_path,
-        config.base,
+        job.base,
+        {"P1B": AdapterArtifact("P1B", "reward", rundir.uri(job.output_relpath))},
         job.preference_prompts,
+        config.rewards.max_length,
     )
     world = TinyWorld(seed=0)
     prompt = world.eval_prompts[0]

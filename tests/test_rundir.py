@@ -11,7 +11,7 @@ import pytest
 from psoups_ray.errors import PsoupsError, StorageError
 from psoups_ray.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest
 from psoups_ray.rundir import RunDir, local_reference, resolve_artifact
-from psoups_ray.soup.adapters import CONFIG_FILE, WEIGHTS_FILE, read_lora_adapter
+from psoups_ray.runtime.adapters import CONFIG_FILE, WEIGHTS_FILE, read_lora_adapter
 
 
 @pytest.fixture(params=["path", "uri"])
@@ -234,3 +234,23 @@ def test_a_damaged_adapter_says_so_and_what_to_do(run_with_policy):
         handle.write("{half")
     with pytest.raises(PsoupsError, match=r"adapter_config.json is damaged \(not valid JSON"):
         read_lora_adapter(location)
+
+
+def test_a_remote_runs_download_cache_follows_a_redone_artifact(tmp_path, monkeypatch):
+    """On an object store a directory artifact is downloaded once per upload: a redone
+    stage's new copy is a new download, never the stale one (the cache is keyed by the
+    upload's generation, not by location alone)."""
+    monkeypatch.setenv("PSOUPS_CACHE_DIR", str(tmp_path / "cache"))
+    rundir = RunDir("mock:///runs/exp")  # pyarrow's in-memory file system: not local
+    assert not rundir.is_local
+    source = tmp_path / "adapter"
+    source.mkdir()
+    (source / "weights.txt").write_text("v1")
+    rundir.upload_dir(source, "policies/P1A")
+    first = rundir.local_dir("policies/P1A")
+    assert (first / "weights.txt").read_text() == "v1"
+    assert rundir.local_dir("policies/P1A") == first  # cached: not downloaded again
+    (source / "weights.txt").write_text("v2")  # the same size: a location-keyed cache or
+    rundir.upload_dir(source, "policies/P1A")  # one of sizes would serve v1
+    second = rundir.local_dir("policies/P1A")
+    assert second != first and (second / "weights.txt").read_text() == "v2"

@@ -16,14 +16,15 @@ from judge_server import MARKER, JudgeServer
 
 import psoups_ray
 from psoups_ray.__main__ import build_parser, main
-from psoups_ray.base.model import load_causal_lm, load_tokenizer
+from psoups_ray.artifacts import BaseArtifact
 from psoups_ray.config import BaseConfig, RayConfig, builtin_config_names, load_config
 from psoups_ray.errors import PsoupsError
 from psoups_ray.evaluate.llm import LLM_CACHE_PATH, llm_outcomes
-from psoups_ray.feedback.openai_judge import JudgeCache, OpenAIJudge, judge_criteria
+from psoups_ray.judges.openai import JudgeCache, OpenAIJudge, judge_criteria
 from psoups_ray.manifest import MANIFEST_NAME, Manifest
 from psoups_ray.pipeline import describe_plan, preflight_problems
 from psoups_ray.rundir import RunDir
+from psoups_ray.runtime.loading import load_causal_lm, load_tokenizer
 
 PACKAGE = Path(psoups_ray.__file__).parent
 REPO = PACKAGE.parent
@@ -69,7 +70,7 @@ ALLOWED_UNPICKLING = {("ray_utils.py", "cloudpickle.loads")}
 
 def test_torch_load_only_ever_loads_weights():
     loads = [(f, call) for f, call in package_calls() if dotted(call.func) == "torch.load"]
-    assert loads, "no torch.load found: the scan is broken (rl/job.py restores with one)"
+    assert loads, "no torch.load found: the scan is broken (policies/job.py restores with one)"
     for file, call in loads:
         value = keyword(call, "weights_only")
         assert isinstance(value, ast.Constant) and value.value is True, (
@@ -100,6 +101,9 @@ def test_no_artifact_is_unpickled():
 
 # The package's own loaders, and the position of their trust_remote_code argument.
 WRAPPERS = {"load_tokenizer": 2, "load_causal_lm": 3}
+# The runtime's loaders of a run's base: the base artifact they take carries the run's
+# trust_remote_code (and revision) to the wrappers above.
+RUN_LOADERS = ("load_base_model", "load_base_tokenizer")
 
 
 def remote_code_argument(call: ast.Call, name: str) -> ast.expr | None:
@@ -122,14 +126,18 @@ def test_trust_remote_code_is_off_unless_the_config_turns_it_on():
         assert load_config(name).base.trust_remote_code is False, name
     for loader in (load_tokenizer, load_causal_lm):
         assert inspect.signature(loader).parameters["trust_remote_code"].default is False
+    assert BaseArtifact("m", "t").load_options() == {"revision": None, "trust_remote_code": False}
 
 
 def test_every_model_and_tokenizer_loader_passes_the_configs_trust_remote_code():
     """Every ``Auto*.from_pretrained`` and every call of the package's own loaders, in
     every stage: a model with its own code must load wherever the run loads its base."""
-    gaps, loaders = [], 0
+    gaps, loaders, run_loaders = [], 0, 0
     for file, call in package_calls():
         name = dotted(call.func)
+        if name.rpartition(".")[2] in RUN_LOADERS:
+            run_loaders += 1
+            continue
         is_auto = name.startswith("Auto") and name.endswith(".from_pretrained")
         if not (is_auto or name.rpartition(".")[2] in WRAPPERS):
             continue  # PeftModel.from_pretrained reads an adapter config: it runs no code
@@ -141,7 +149,9 @@ def test_every_model_and_tokenizer_loader_passes_the_configs_trust_remote_code()
             assert not isinstance(value, ast.Constant), (
                 f"{where(file, call)}: trust_remote_code must come from the config, not a literal"
             )
-    assert loaders >= 15, "the scan found too few loader calls: it is broken"
+    # Every stage loads its base through the runtime: the direct loaders left are the
+    # runtime's own, the base stage's (reference checks, GGUF) and the reward trainer's.
+    assert loaders >= 8 and run_loaders >= 10, "the scan found too few loader calls: broken"
     assert not gaps, "loaders ignoring base.trust_remote_code:\n" + "\n".join(gaps)
 
 

@@ -45,7 +45,7 @@ def served(policy_run, tmp_path_factory):
     from ray import serve
 
     from psoups_ray.manifest import Manifest
-    from psoups_ray.serving.app import bind_app
+    from psoups_ray.serve.app import bind_app
 
     source, _ = policy_run
     out = tmp_path_factory.mktemp("serve") / "run"
@@ -78,7 +78,7 @@ def _engine_text(out: Path, soup: str, question: str, max_tokens: int) -> str:
     import torch
 
     from psoups_ray.prompting import format_prompt
-    from psoups_ray.serving.engine import GenerationJob, SamplingParams, SoupEngine
+    from psoups_ray.serve.engine import GenerationJob, SamplingParams, SoupEngine
 
     threads = torch.get_num_threads()
     try:
@@ -305,14 +305,14 @@ def test_a_row_whose_logits_overflow_does_not_fail_its_batch(served):
     import torch
 
     from psoups_ray.prompting import format_prompt
-    from psoups_ray.serving.engine import GenerationJob, SamplingParams, SoupEngine
+    from psoups_ray.serve.engine import GenerationJob, SamplingParams, SoupEngine
 
     out, _ = served
     threads = torch.get_num_threads()
     try:
         engine = SoupEngine(str(out), device="cpu")
         prompt = format_prompt(engine.tokenizer, QUESTION)
-        overflowing = (1e30,) + (0.0,) * (len(engine.poles) - 1)
+        overflowing = (1e30,) + (0.0,) * (len(engine.catalog.adapter_names) - 1)
         pole = engine.catalog.resolve("psoups:P3A").weights
         jobs = [
             GenerationJob(prompt, overflowing, SamplingParams(8, temperature=1.0, seed=1)),
@@ -331,7 +331,7 @@ def test_finished_requests_leave_the_decoding_batch_and_the_others_decode_the_sa
     import torch
 
     from psoups_ray.prompting import format_prompt
-    from psoups_ray.serving.engine import GenerationJob, SamplingParams, SoupEngine
+    from psoups_ray.serve.engine import GenerationJob, SamplingParams, SoupEngine
 
     out, _ = served
     threads = torch.get_num_threads()
@@ -397,7 +397,7 @@ def test_paths_in_a_request_are_refused(served):
     from psoups_ray.manifest import Manifest
 
     out, base_url = served
-    adapter = str(Manifest.load(RunDir(out)).data["policies"]["P2A"]["path"])
+    adapter = RunDir(out).resolve(Manifest.load(RunDir(out)).data["policies"]["P2A"]["path"])
     for change in [
         {"model": "../../etc/passwd"},
         {"model": "psoups:/etc/passwd"},
@@ -558,7 +558,7 @@ def test_merged_strategy_serves_the_same_soups_through_an_lru_of_merged_copies(s
     every soup, while alternating soups evict each other."""
     from ray import serve
 
-    from psoups_ray.serving.app import bind_app
+    from psoups_ray.serve.app import bind_app
 
     out, base_url = served
     app = bind_app(
@@ -632,7 +632,7 @@ def test_a_killed_model_replica_is_replaced_and_only_its_requests_fail(served, r
     while its one SoupModel replica is SIGKILLed; Serve starts a replacement."""
     from ray import serve
 
-    from psoups_ray.serving.app import bind_app
+    from psoups_ray.serve.app import bind_app
 
     out, base_url = served
     app = bind_app(

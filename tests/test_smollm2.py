@@ -12,15 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from psoups_ray.base.model import load_gguf_base, load_tokenizer, resolve_reference
+from psoups_ray.artifacts import PreferenceRow
+from psoups_ray.base.model import load_gguf_base
 from psoups_ray.config import SMOKE_TEST_OVERRIDES, LoraSpec, load_config
 from psoups_ray.errors import ConfigError, PsoupsError
 from psoups_ray.feedback.generate import build_sampling_job, make_judge, read_prompts_file
-from psoups_ray.feedback.rows import PreferenceRow
 from psoups_ray.feedback.stage import check_feedback_config, split_held_out
-from psoups_ray.feedback.text_judges import TextJudge
+from psoups_ray.judges.text import TextJudge
 from psoups_ray.manifest import Manifest
 from psoups_ray.rundir import RunDir
+from psoups_ray.runtime.loading import load_tokenizer, resolve_reference
 from psoups_ray.training import lora_kwargs
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -136,7 +137,7 @@ def test_the_gguf_base_loads_dequantised_and_saves_as_a_plain_model(tmp_path):
     assert again.apply_chat_template(
         [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
     ).endswith("<|im_start|>assistant\n")
-    from psoups_ray.base.model import load_causal_lm
+    from psoups_ray.runtime.loading import load_causal_lm
 
     reloaded = load_causal_lm(str(tmp_path))
     probe = torch.tensor([[1, 2, 3, 4]])

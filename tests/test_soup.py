@@ -10,13 +10,14 @@ import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from psoups_ray.base.model import load_causal_lm, load_options
+from psoups_ray.artifacts import BaseArtifact
 from psoups_ray.config import BaseConfig
 from psoups_ray.errors import PsoupsError
-from psoups_ray.soup.adapters import read_lora_adapter
-from psoups_ray.soup.export import export_model
-from psoups_ray.soup.merge import check_weights, merge_adapters, merge_into_model
-from psoups_ray.soup.mixing import attach_mixing
+from psoups_ray.runtime.adapters import read_lora_adapter
+from psoups_ray.runtime.export import export_model
+from psoups_ray.runtime.loading import load_causal_lm, load_options
+from psoups_ray.runtime.merge import check_weights, merge_adapters, merge_into_model
+from psoups_ray.runtime.mixing import attach_mixing
 
 NAMES = ["P1A", "P2B", "P3A"]
 
@@ -94,35 +95,40 @@ def test_a_mixed_batch_equals_its_rows_run_separately(world):
         assert torch.allclose(together[index], alone[0], atol=1e-5)
 
 
-def test_a_mixed_batch_samples_the_same_tokens_when_finished_rows_leave_it(world):
-    from psoups_ray.generation import sample_tokens
+def test_a_soup_sampled_in_a_mixed_batch_equals_the_same_soup_alone(world):
+    """The runtime's sampler over a mixing model: 12 rows, each its own soup and seed,
+    decoded together (finished rows leaving the batch) give each row the tokens it gets
+    decoded alone."""
+    from psoups_ray.base.tokenizer import train_bpe_tokenizer
+    from psoups_ray.runtime.sampling import Sampler, SampleRequest, SamplingParams
 
     root, directories = world
     adapters = [read_lora_adapter(d, n) for d, n in zip(directories, NAMES, strict=True)]
     model = _base(root)
+    model.generation_config.eos_token_id = [5, 6, 7]  # rows end at different steps
+    tokenizer = train_bpe_tokenizer(["a calm sea and a dog on a long road"] * 20, 300)
     mixer = attach_mixing(model, adapters)
+    sampler = Sampler(model, tokenizer, mixer)
     torch.manual_seed(3)
-    rows = torch.rand(12, 3)  # every row its own soup
-    ids = torch.randint(2, 64, (12, 4))
-    run = dict(max_new_tokens=40, temperature=1.0, eos_token_id=[5, 6, 7], pad_token_id=0)
-    kept = []
-    results = []
-    for compact in (True, False):
-        with mixer.weights(rows):
-            torch.manual_seed(9)
-            results.append(
-                sample_tokens(
-                    model,
-                    ids,
-                    torch.ones_like(ids),
-                    compact=compact,
-                    on_compact=lambda index: (kept.append(index), mixer.select_rows(index)),
-                    **run,
-                )
-            )
-    assert kept, "no row finished early: the test does not exercise compaction"
-    assert torch.equal(results[0], results[1])
-    # Outside the block the mixer holds no weights: nothing left narrowed.
+    weights = torch.rand(12, 3)  # every row its own soup
+    ids = torch.randint(8, 64, (12, 4))
+    requests = [
+        SampleRequest(
+            tuple(ids[i].tolist()), SamplingParams(40, seed=i), tuple(weights[i].tolist())
+        )
+        for i in range(12)
+    ]
+    batch_sizes: list[int] = []
+    hook = model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]),
+        with_kwargs=True,
+    )
+    together = sampler.complete(requests, batch_size=12)
+    hook.remove()
+    assert batch_sizes[0] == 12 and min(batch_sizes) < 9, "no rows left: no compaction tested"
+    for request, completion in zip(requests, together, strict=True):
+        assert sampler.complete([request], batch_size=1)[0].token_ids == completion.token_ids
+    # Outside the decoding the mixer holds no weights: nothing left narrowed.
     assert torch.allclose(_logits(model, IDS), _logits(_base(root), IDS), atol=1e-6)
 
 
@@ -217,7 +223,7 @@ def test_peft_merge_methods_write_loadable_adapters(world, tmp_path, method):
         [0.5, 0.5],
         method,
         tmp_path / method,
-        base_model_path=str(root / "base"),
+        BaseArtifact(str(root / "base"), str(root / "base")),
         density=0.5,
     )
     soup = PeftModel.from_pretrained(_base(root), out).eval()
@@ -274,20 +280,14 @@ def test_a_base_with_its_own_code_is_merged_and_exported_only_when_the_run_trust
     model = load_causal_lm(remote, **trusted)
     assert type(model).__name__ == "RemoteLlamaForCausalLM"
 
-    with pytest.raises(ValueError, match="trust_remote_code"):
-        merge_adapters(
-            directories[:2], NAMES[:2], [0.5, 0.5], "ties", tmp_path / "no", base_model_path=remote
-        )
+    distrusted = BaseArtifact(remote, remote)  # a run whose base config does not trust it
+    with pytest.raises(PsoupsError, match="trust_remote_code"):
+        merge_adapters(directories[:2], NAMES[:2], [0.5, 0.5], "ties", tmp_path / "no", distrusted)
+    trusting = BaseArtifact(remote, remote, trust_remote_code=True)
     adapter = merge_adapters(
-        directories[:2],
-        NAMES[:2],
-        [0.5, 0.5],
-        "ties",
-        tmp_path / "ties",
-        base_model_path=remote,
-        load_options=trusted,
+        directories[:2], NAMES[:2], [0.5, 0.5], "ties", tmp_path / "ties", trusting
     )
-    export_model(remote, adapter, tmp_path / "merged", trusted)
+    export_model(trusting, adapter, tmp_path / "merged")
     exported = load_causal_lm(str(tmp_path / "merged"), **trusted)
     soup = PeftModel.from_pretrained(_base(root), adapter).eval()
     assert torch.allclose(_logits(exported.eval(), IDS), _logits(soup, IDS), atol=1e-5)
@@ -320,7 +320,7 @@ def test_mixing_rejects_wrong_weight_shapes(world):
 
 
 def test_soup_weights_given_tuned_or_uniform():
-    from psoups_ray.soup.export import parse_weights, soup_weights
+    from psoups_ray.runtime.export import parse_weights, soup_weights
 
     assert parse_weights("p1a=0.5, P3A=0.5") == {"P1A": 0.5, "P3A": 0.5}
     assert parse_weights(None) is None

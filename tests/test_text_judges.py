@@ -11,8 +11,8 @@ import pytest
 
 from psoups_ray.data import load_prompts
 from psoups_ray.errors import PsoupsError
-from psoups_ray.feedback.judges import VERDICTS, PairToJudge
-from psoups_ray.feedback.text_judges import (
+from psoups_ray.judges import VERDICTS, PairToJudge
+from psoups_ray.judges.text import (
     DEFAULT_POLE_RULES,
     PoleRule,
     TextJudge,

@@ -11,11 +11,13 @@ from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig
 
 from psoups_ray.base import sft
-from psoups_ray.base.model import build_tiny_model, load_tokenizer
+from psoups_ray.base.model import build_tiny_model
 from psoups_ray.base.stage import prepare_tiny_sft
 from psoups_ray.config import load_config
-from psoups_ray.rewards.train import LengthSortedRewardTrainer, lora_config, score_right_padded
+from psoups_ray.rewards.train import LengthSortedRewardTrainer, lora_config
 from psoups_ray.rundir import RunDir
+from psoups_ray.runtime.loading import load_tokenizer
+from psoups_ray.runtime.rewards import score_right_padded
 from psoups_ray.training import length_sorted_groups, select_rows
 
 

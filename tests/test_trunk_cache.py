@@ -10,12 +10,9 @@ import torch
 from peft import LoraConfig, TaskType, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from psoups_ray.rl.models import (
-    SharedBasePPOModels,
-    TrunkCache,
-    first_adapted_layer,
-    read_reward_adapter,
-)
+from psoups_ray.policies.models import SharedBasePPOModels
+from psoups_ray.runtime.rewards import read_reward_adapter
+from psoups_ray.runtime.trunk import TrunkCache, first_adapted_layer
 
 LAYERS = 5
 TOP = [3, 4]
@@ -56,7 +53,7 @@ def build(tmp_path, layers: list[int] | None) -> SharedBasePPOModels:
         (tmp_path / pole).mkdir(exist_ok=True)
         rewards[pole] = reward_adapter(tmp_path / pole, pole, layers)
     torch.manual_seed(1)
-    return SharedBasePPOModels(base, lora(TaskType.CAUSAL_LM, layers), rewards, "P1A", 0)
+    return SharedBasePPOModels(base, lora(TaskType.CAUSAL_LM, layers), rewards, "P1A")
 
 
 def batch():
@@ -128,7 +125,7 @@ def test_new_batches_miss_and_old_ones_are_evicted(tmp_path):
 def test_trimming_shared_padding_changes_no_number(tmp_path):
     """PPO's forward passes drop the columns that are padding in every row of a minibatch
     (the left padding all queries share, the positions after the longest response)."""
-    from psoups_ray.rl.trainer import trim_padding
+    from psoups_ray.policies.trainer import trim_padding
 
     models = build(tmp_path, None)
     torch.manual_seed(3)
@@ -159,7 +156,7 @@ def test_rollout_passes_in_length_sorted_chunks_give_every_row_its_own_numbers(t
     """The rollout's no-gradient passes run chunks of rows of similar response length and
     put each row's outputs back in its place."""
     from psoups_ray.config import PolicyConfig
-    from psoups_ray.rl.trainer import PPOTrainer
+    from psoups_ray.policies.trainer import PPOTrainer
 
     models = build(tmp_path, TOP)
     trainer = PPOTrainer(models, None, PolicyConfig(minibatch_size=2), reward_fn=None)

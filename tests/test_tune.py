@@ -15,14 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from psoups_ray.artifacts import RunArtifacts
 from psoups_ray.config import load_config
 from psoups_ray.errors import ConfigError
 from psoups_ray.manifest import Manifest
 from psoups_ray.pipeline import run_pipeline
 from psoups_ray.preferences import PreferenceSpace
 from psoups_ray.rundir import RunDir
-from psoups_ray.tuning.pareto import interpolation_weights, pareto_pairs
-from psoups_ray.tuning.simplex import from_cube, simplex_grid, to_cube
+from psoups_ray.tune.pareto import interpolation_weights, pareto_pairs
+from psoups_ray.tune.simplex import from_cube, simplex_grid, to_cube
 
 COMBOS = ["P2A+P3A", "P2A+P3B", "P2B+P3A", "P2B+P3B"]
 
@@ -66,7 +67,7 @@ def test_simplex_grid_enumerates_every_point_once():
 
 
 def test_evaluators_that_fit_the_cluster():
-    from psoups_ray.soup.pool import evaluators_that_fit
+    from psoups_ray.runtime.pool import evaluators_that_fit
 
     assert evaluators_that_fit(1.0, 0.0, {"CPU": 2.0}) == 2
     assert evaluators_that_fit(2.0, 0.25, {"CPU": 16.0, "GPU": 1.0}) == 4
@@ -80,7 +81,7 @@ def test_a_trial_process_imports_neither_torch_nor_transformers():
     # they must stay light, the models live in the evaluator actors.
     code = (
         "import pickle, sys\n"
-        "import psoups_ray.tuning.search as search\n"
+        "import psoups_ray.tune.search as search\n"
         "pickle.loads(pickle.dumps(search.soup_trial))\n"
         "print(sorted(m for m in ('torch', 'transformers', 'peft', 'trl') if m in sys.modules))"
     )
@@ -110,7 +111,7 @@ class _Recorder:
 def test_one_search_routes_trials_to_each_combinations_own_sub_search():
     from ray.tune.search import Searcher
 
-    from psoups_ray.tuning.search import CombinationSearch
+    from psoups_ray.tune.search import CombinationSearch
 
     a, b, c = _Recorder("a"), _Recorder("b"), _Recorder("c")
     search = CombinationSearch({"A": (a, 2), "B": (b, 1), "C": (c, 2)})
@@ -131,7 +132,7 @@ def test_one_search_routes_trials_to_each_combinations_own_sub_search():
 
 
 def test_a_combination_runs_two_trials_at_once_only_when_no_other_can_start():
-    from psoups_ray.tuning.search import CombinationSearch
+    from psoups_ray.tune.search import CombinationSearch
 
     a, b = _Recorder("a"), _Recorder("b")
     search = CombinationSearch({"A": (a, 3), "B": (b, 1)})
@@ -145,7 +146,7 @@ def test_a_combination_runs_two_trials_at_once_only_when_no_other_can_start():
 
 
 def test_gain_scores_measure_each_pole_from_the_base_to_its_own_policy():
-    from psoups_ray.tuning.search import MIN_GAIN_SPAN, objective_of, pole_scores
+    from psoups_ray.tune.search import MIN_GAIN_SPAN, objective_of, pole_scores
 
     references = {"P1A": {"base": -0.5, "policy": 1.5}, "P2B": {"base": 0.2, "policy": 0.22}}
     scores = pole_scores({"P1A": 0.5, "P2B": 0.3}, references)
@@ -159,13 +160,13 @@ def test_gain_scores_measure_each_pole_from_the_base_to_its_own_policy():
 
 
 def _sweep(spec, combination=("P1A", "P2B", "P3A")):
-    from psoups_ray.tuning.search import Sweep
+    from psoups_ray.tune.search import Sweep
 
     return Sweep(combination, ("a prompt",), None, spec.generation, seed=0, scale=spec.scale)
 
 
 def test_a_scale_range_is_searched_with_the_simplex_from_the_uniform_soup_at_each_total():
-    from psoups_ray.tuning.search import _sub_search, _weights_of
+    from psoups_ray.tune.search import _sub_search, _weights_of
 
     spec = load_config(None, ["tune.scale=[1, 3]", "tune.num_samples=12"]).tune
     sweep = _sweep(spec)
@@ -198,7 +199,7 @@ def test_a_scale_range_is_searched_with_the_simplex_from_the_uniform_soup_at_eac
 
 
 def test_a_grid_search_with_a_scale_range_tries_each_total_with_every_simplex_point():
-    from psoups_ray.tuning.search import _sub_search, _weights_of, scale_grid
+    from psoups_ray.tune.search import _sub_search, _weights_of, scale_grid
 
     assert scale_grid(1.0, 3.0, 3) == [1.0, 2.0, 3.0]
     assert scale_grid(2.0, 2.0, 5) == [2.0]
@@ -328,7 +329,7 @@ def test_pareto_fronts_are_swept_and_plotted(tune_run):
     assert sorted(plots) == ["P2A-P3A", "P2A-P3B", "P2B-P3A", "P2B-P3B"]
     fronts = json.loads((out / "tune" / "pareto.json").read_text())
     for key, path in plots.items():
-        assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert Path(manifest.rundir.resolve(path)).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         points = fronts[key]["points"]
         line = [p for p in points if p["kind"] == "interpolation"]
         assert [p["weight_a"] for p in line] == pytest.approx([i / 10 for i in range(11)])
@@ -342,26 +343,26 @@ def test_pareto_fronts_are_swept_and_plotted(tune_run):
 def test_a_trial_is_reproduced_by_the_evaluator_in_process(tune_run):
     """Trial results are real measurements: the same soup, prompts and seed give the same
     rewards outside Ray."""
+    from psoups_ray.runtime.evaluator import SoupEvaluator
+    from psoups_ray.runtime.queries import SoupModels, SoupQuery
     from psoups_ray.seeding import derive_seed
-    from psoups_ray.soup.evaluator import SoupEvaluator
-    from psoups_ray.soup.pool import SoupModels, SoupQuery
-    from psoups_ray.tuning.stage import tune_prompts
+    from psoups_ray.tune.stage import tune_prompts
 
     out, manifest = tune_run
     config = _config()
-    rundir = RunDir(out)
     combo = "P2A+P3B"
     best = max(_trials(out, combo), key=lambda row: row["objective"])
     poles = tuple(combo.split("+"))
     weights = {p: best[f"weight_{p}"] for p in poles}
-    models = SoupModels.from_manifest(manifest.data, config.base, config.rewards.max_length, False)
+    run = RunArtifacts.load(out)
+    models = SoupModels.from_run(run, config.rewards.max_length, False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the 1-CPU actor
     try:
         evaluator = SoupEvaluator(models)
         result = evaluator.evaluate(
             [SoupQuery(weights, poles)],
-            tune_prompts(config, rundir)[0],
+            tune_prompts(config, run)[0],
             config.tune.generation,
             derive_seed(config.seed, "tune", combo),
         )[0]
@@ -371,15 +372,14 @@ def test_a_trial_is_reproduced_by_the_evaluator_in_process(tune_run):
     for pole in poles:
         assert result["rewards"][pole] == pytest.approx(best[f"reward_{pole}"], abs=1e-4)
     # ... and so are the references the gains are measured from: the base, then each
-    # policy alone, on the trial prompts with the references' seed (two requests, as the
-    # stage makes them: a row's draws depend on its place in its batch).
+    # policy alone, on the trial prompts with the references' seed.
     references = manifest.data["tune"]["references"]
     torch.set_num_threads(1)
     try:
         ends = [
             evaluator.evaluate(
                 queries,
-                tune_prompts(config, rundir)[0],
+                tune_prompts(config, run)[0],
                 config.tune.generation,
                 derive_seed(config.seed, "tune", "references"),
             )
@@ -397,7 +397,7 @@ def test_a_trial_is_reproduced_by_the_evaluator_in_process(tune_run):
 
 @pytest.mark.integration
 def test_merge_defaults_to_the_tuned_weights(tune_run, tmp_path):
-    from psoups_ray.soup.export import make_soup
+    from psoups_ray.runtime.export import make_soup
 
     out, manifest = tune_run
     summary = make_soup(str(out), "P3B+P2A", str(tmp_path / "soup"))
@@ -420,8 +420,10 @@ def test_an_interrupted_stage_resumes_and_grid_search_walks_the_simplex_and_tota
     for combo in COMBOS[:3]:
         assert tuned[combo] == manifest.data["tuned_weights"][combo]
     calls = sum(e["calls"] for e in resumed.data["tune"]["evaluators"])
-    # the references measured again, one sweep redone, then the comparison and the fronts
-    assert calls == 2 + 3 + 4 + 4
+    # one sweep redone, then the comparison and the fronts; the references the gains are
+    # measured from are read back, not measured again
+    assert calls == 3 + 4 + 4
+    assert resumed.data["tune"]["references"] == manifest.data["tune"]["references"]
 
     grid = _config(
         "tune.search=grid",

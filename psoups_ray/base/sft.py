@@ -19,11 +19,12 @@ from datasets import Dataset
 from transformers import PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from psoups_ray.base.model import build_tiny_model, load_causal_lm, load_options, load_tokenizer
+from psoups_ray.base.model import build_tiny_model
 from psoups_ray.config import BaseConfig
-from psoups_ray.generation import generate
 from psoups_ray.progress import log
 from psoups_ray.rundir import RunDir, local_reference
+from psoups_ray.runtime.loading import load_causal_lm, load_options, load_tokenizer
+from psoups_ray.runtime.sampling import Sampler, sample_texts
 from psoups_ray.scratch import scratch_directory
 from psoups_ray.training import (
     MicroBatchMixin,
@@ -170,14 +171,8 @@ def _sample(model, tokenizer, job: SFTJob) -> list[str]:
         elapsed = time.monotonic() - started
         log(f"[{job.label}] sampled {done}/{total} held-out prompts ({elapsed:.0f}s)")
 
-    return generate(
-        model,
-        tokenizer,
-        list(job.sample_prompts),
-        job.base.sample,
-        seed=job.seed,
-        on_batch=progress,
-    )
+    sampler = Sampler(model, tokenizer)
+    return sample_texts(sampler, job.sample_prompts, job.base.sample, job.seed, progress)
 
 
 def sft_train_loop(loop_config: dict[str, Any]) -> None:

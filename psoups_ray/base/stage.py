@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from psoups_ray.base.model import describe_reference, load_gguf_base, load_tokenizer
+from psoups_ray.base.model import describe_reference, load_gguf_base
 from psoups_ray.base.sft import SFTJob, sft_train_loop
 from psoups_ray.base.tokenizer import train_bpe_tokenizer
 from psoups_ray.config import PsoupsConfig
@@ -31,6 +31,7 @@ from psoups_ray.progress import log
 from psoups_ray.prompting import format_prompt
 from psoups_ray.ray_utils import fit_torch_run
 from psoups_ray.rundir import RunDir, local_reference
+from psoups_ray.runtime.loading import load_tokenizer
 
 TOKENIZER_DIR = "base/tokenizer"
 SFT_DATA = "base/sft_data.jsonl"
@@ -52,8 +53,9 @@ def check_base_config(config: PsoupsConfig) -> None:
     """A ``package:`` base that is not installed, or a GGUF base that cannot be read, fails
     before any stage runs (with the command that installs what is missing)."""
 
-    from psoups_ray.base.model import gguf_problems, resolve_reference
+    from psoups_ray.base.model import gguf_problems
     from psoups_ray.errors import ConfigError
+    from psoups_ray.runtime.loading import resolve_reference
 
     base = config.base
     if base.is_tiny:
@@ -145,10 +147,10 @@ def summarize_tiny_sft(
     log(f"base: per-pole attribute rates on {len(samples)} held-out prompts: {rates}")
     return {
         "model": config.base.model,
-        "model_path": rundir.uri(MODEL_DIR),
-        "tokenizer_path": rundir.uri(MODEL_DIR),
-        "sft_data_path": rundir.uri(SFT_DATA),
-        "samples_path": rundir.uri(SAMPLES),
+        "model_path": rundir.locate(MODEL_DIR),
+        "tokenizer_path": rundir.locate(MODEL_DIR),
+        "sft_data_path": rundir.locate(SFT_DATA),
+        "samples_path": rundir.locate(SAMPLES),
         "metrics": metrics,
     }
 
@@ -192,7 +194,9 @@ def _real_base(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
         return section
 
     tokenizer = load_tokenizer(
-        local_reference(section["tokenizer_path"]), base.revision, base.trust_remote_code
+        local_reference(rundir.resolve(section["tokenizer_path"])),
+        base.revision,
+        base.trust_remote_code,
     )
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
@@ -210,13 +214,13 @@ def _real_base(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
         data_relpath=SFT_DATA,
         output_relpath=MODEL_DIR,
         metrics_relpath=METRICS,
-        init_from=section["model_path"],
+        init_from=rundir.resolve(section["model_path"]),
     )
     section["metrics"]["sft"] = _fit_sft(config, rundir, job)
     section.update(
-        model_path=rundir.uri(MODEL_DIR),
-        tokenizer_path=rundir.uri(MODEL_DIR),
-        sft_data_path=rundir.uri(SFT_DATA),
+        model_path=rundir.locate(MODEL_DIR),
+        tokenizer_path=rundir.locate(MODEL_DIR),
+        sft_data_path=rundir.locate(SFT_DATA),
     )
     return section
 
@@ -235,8 +239,8 @@ def _save_gguf_base(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
         rundir.upload_dir(tmp, PRETRAINED_DIR)
     log(f"base: saved the {parameters / 1e6:.1f}M-parameter model at {rundir.uri(PRETRAINED_DIR)}")
     return {
-        "model_path": rundir.uri(PRETRAINED_DIR),
-        "tokenizer_path": rundir.uri(PRETRAINED_DIR),
+        "model_path": rundir.locate(PRETRAINED_DIR),
+        "tokenizer_path": rundir.locate(PRETRAINED_DIR),
         "gguf_file": base.gguf_file,
         "parameters": parameters,
     }

@@ -3,7 +3,7 @@
 For each (P-Soups variant, opponent, combination, prompt) a judge answers one question per
 pole of the combination: which response better satisfies that pole. The pair's outcome on
 a prompt is the mean over the criteria of 1 (soup better), 0.5 (tie), 0 (opponent better)
-(:func:`criterion_outcomes`, for any :class:`~psoups_ray.feedback.judges.PairwiseJudge`).
+(:func:`criterion_outcomes`, for any :class:`~psoups_ray.judges.PairwiseJudge`).
 
 - ``llm`` (:func:`llm_outcomes`): an LLM asked about the criterion
   ``evaluate.llm_judge.criteria[pole]``, else the pole's preference prompt. The judge draws
@@ -12,7 +12,7 @@ a prompt is the mean over the criteria of 1 (soup better), 0.5 (tie), 0 (opponen
   re-run pays only for new questions; the key is read from the environment and written
   nowhere.
 - ``text`` (:func:`text_judgements`): the programmatic text judges
-  (:mod:`psoups_ray.feedback.text_judges`), deterministic, so no order to draw. They also
+  (:mod:`psoups_ray.judges.text`), deterministic, so no order to draw. They also
   give each system's per-pole success against ``base``.
 """
 
@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from psoups_ray.config import PsoupsConfig
-from psoups_ray.feedback.judges import PairToJudge, PairwiseJudge
-from psoups_ray.feedback.openai_judge import JudgeCache, OpenAIJudge, judge_criteria
+from psoups_ray.judges import PairToJudge, PairwiseJudge
+from psoups_ray.judges.openai import JudgeCache, OpenAIJudge, judge_criteria
 from psoups_ray.progress import log
 from psoups_ray.rundir import RunDir
 
@@ -115,7 +115,7 @@ def text_judgements(
     the system's response to base's for that pole, ties half}}}``; empty without a ``base``
     system. ``base`` against itself ties on every prompt (identical texts): 0.5.
     """
-    from psoups_ray.feedback.text_judges import TextJudge
+    from psoups_ray.judges.text import TextJudge
 
     judge = TextJudge()
     log(f"evaluate: text judges on {len(pairs)} pairs x {len(combinations)} combinations x "

@@ -1,7 +1,7 @@
 """The evaluate stage: every system answers the held-out prompts for every combination;
 judges compare each P-Soups variant with every other system, prompt by prompt.
 
-Systems (``evaluate.systems``), each a :class:`~psoups_ray.soup.pool.SoupQuery` on
+Systems (``evaluate.systems``), each a :class:`~psoups_ray.runtime.queries.SoupQuery` on
 one loaded base (the baselines' adapters are mixed in like the poles', so weight 1 on a
 baseline alone is that baseline's policy):
 
@@ -18,8 +18,9 @@ psoups-tuned     the tuned weights               the combination's if policies.p
 
 ``base`` and ``rlhf`` do not depend on the combination: they answer once and are scored
 for every combination. Judges: ``reward`` (mean normalised reward of the combination's
-poles; a tie under ``evaluate.reward_tie_threshold``), ``attributes`` (tiny world: share
-of the combination's poles the checkers find) and optionally ``llm`` and ``text``
+poles; a tie under ``evaluate.reward_tie_threshold``), ``attributes`` (where the run's
+world has an attribute judge, as the tiny world does: share of the combination's poles
+its checkers find) and optionally ``llm`` and ``text``
 (criterion by criterion, see :mod:`psoups_ray.evaluate.llm`). With the text judges each
 system's metrics also hold ``text_success`` (per pole, the share of prompts where the text
 judge prefers its response to ``base``'s, ties half; ``base`` itself scores 0.5) and
@@ -34,24 +35,29 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from psoups_ray.config import SOUP_SYSTEMS, PsoupsConfig
+from psoups_ray.artifacts import PROMPTS_FILES, RunArtifacts
+from psoups_ray.config import SOUP_SYSTEMS, GenerationSpec, PsoupsConfig
 from psoups_ray.errors import PsoupsError
 from psoups_ray.evaluate.winrates import reward_outcome, share_outcome, win_rates
 from psoups_ray.manifest import Manifest
 from psoups_ray.preferences import PreferenceSpace
 from psoups_ray.progress import log
 from psoups_ray.rundir import RunDir
+from psoups_ray.runtime.pool import start_evaluators
+from psoups_ray.runtime.queries import SoupModels, SoupQuery
+from psoups_ray.runtime.sampling import row_seed
 from psoups_ray.seeding import derive_seed
-from psoups_ray.soup.pool import SoupModels, SoupQuery, start_evaluators
 
 UNPROMPTED_SYSTEMS = ("base", "rlhf")  # the same responses for every combination
 BASELINE_ADAPTERS = ("rlhf", "pmorl")
 SAMPLES_PATH = "evaluation/samples.jsonl"
+PROMPTS_PATH = PROMPTS_FILES["evaluation"]
 WIN_RATES_PATH = "evaluation/win_rates.csv"
 METRICS_PATH = "evaluation/metrics.csv"
 SUMMARY_PATH = "evaluation/summary.json"
@@ -65,7 +71,9 @@ class Responses:
 
     texts: list[str]
     rewards: dict[str, list[float]]  # pole -> normalised reward per response
-    shown: list[set[str]] | None  # tiny world: poles the checkers find per response
+    shown: list[set[str]] | None  # the poles the attribute judge finds, per response
+    requests: list[dict[str, Any]] = field(default_factory=list)  # per response: the body
+    # that, POSTed to `psoups serve` on this run, returns the same text (served_request)
 
     def reward_scores(self, poles: tuple[str, ...]) -> np.ndarray:
         """Mean normalised reward of ``poles`` per response: (prompts,)."""
@@ -77,10 +85,37 @@ class Responses:
         return np.array([len(set(poles) & shown) / len(poles) for shown in self.shown])
 
 
+def served_request(
+    query: SoupQuery, prompt: str, seed: int, spec: GenerationSpec, poles: Sequence[str]
+) -> dict[str, Any]:
+    """The OpenAI-style chat request that makes ``psoups serve`` on the same run answer
+    ``prompt`` as the soup evaluator did: the same soup (``weights`` over ``poles``, a
+    baseline by name, or the base), user message, seed and sampling settings."""
+    from psoups_ray.prompting import user_message
+
+    weights = {name: float(w) for name, w in query.weights.items() if w}
+    body: dict[str, Any] = {"model": "psoups:base"}
+    if weights and set(weights) <= set(poles):
+        body = {"model": "psoups", "weights": weights}
+    elif len(weights) == 1:  # a baseline's policy, whole
+        body = {"model": f"psoups:{next(iter(weights))}"}
+    elif weights:
+        raise PsoupsError(f"no served soup for the weights {weights}")
+    return {
+        **body,
+        "messages": [{"role": "user", "content": user_message(prompt, query.preference_prompt)}],
+        "seed": seed,
+        "temperature": spec.temperature,
+        "top_p": spec.top_p,
+        "top_k": spec.top_k,
+        "max_tokens": spec.max_new_tokens,
+    }
+
+
 def check_evaluate_config(config: PsoupsConfig) -> None:
     """Every problem with the ``evaluate`` section, before any stage runs."""
     from psoups_ray.errors import ConfigError
-    from psoups_ray.feedback.openai_judge import openai_judge_problems
+    from psoups_ray.judges.openai import openai_judge_problems
 
     spec = config.evaluate
     problems = [
@@ -90,7 +125,7 @@ def check_evaluate_config(config: PsoupsConfig) -> None:
         if name in spec.systems and name not in config.policies.baselines
     ]
     if spec.text_judge:
-        from psoups_ray.feedback.text_judges import text_judge_problems
+        from psoups_ray.judges.text import text_judge_problems
 
         problems += text_judge_problems("evaluate.text_judge")
     if spec.llm_judge is not None:
@@ -101,20 +136,17 @@ def check_evaluate_config(config: PsoupsConfig) -> None:
         raise ConfigError(problems)
 
 
-def evaluation_prompts(config: PsoupsConfig, rundir: RunDir, manifest: dict[str, Any]):
+def evaluation_prompts(config: PsoupsConfig, run: RunArtifacts):
     """The last ``evaluate.num_prompts`` held-out prompts, and how many of them the tune
     trials used (they picked the tuned weights, so overlap flatters ``psoups-tuned``)."""
-    from psoups_ray.feedback import load_feedback
-
-    prompts = list(dict.fromkeys(row.prompt for row in load_feedback(rundir, "eval")))
+    prompts = run.prompts("held_out")
     if not prompts:
         raise PsoupsError("the feedback stage left no held-out prompts to evaluate on")
     wanted = config.evaluate.num_prompts
     chosen = prompts[-wanted:]
     if len(chosen) < wanted:
         log(f"evaluate: only {len(chosen)} held-out prompts (evaluate.num_prompts is {wanted})")
-    trial_count = int((manifest.get("tune") or {}).get("num_trial_prompts", 0))
-    overlap = len(set(prompts[:trial_count]) & set(chosen))
+    overlap = len(set(run.prompts("tune_trials")) & set(chosen))
     if overlap:
         log(
             f"evaluate: warning: {overlap} of the {len(chosen)} evaluation prompts were tune "
@@ -155,17 +187,19 @@ def system_query(
 def run_evaluate_stage(config: PsoupsConfig, rundir: RunDir) -> dict[str, dict[str, Any]]:
     """Generate, judge and tabulate; returns the ``evaluate`` and ``evaluation`` sections."""
     spec, space = config.evaluate, config.space
-    data = Manifest.load(rundir).data
-    tuned_weights: dict[str, dict[str, float]] = data.get("tuned_weights") or {}
+    run = RunArtifacts(rundir, Manifest.load(rundir).data)
+    tuned_weights = run.tuned_weights
     if not tuned_weights:
-        raise PsoupsError("the run has no tuned weights; run the tune stage first")
+        raise PsoupsError(
+            f"{rundir.location} has no tuned weights; run the tune stage first "
+            f"(psoups run --stages tune --out {rundir.location})"
+        )
     combinations = [tuple(space.parse(key)) for key in tuned_weights]
     keys = ["+".join(poles) for poles in combinations]
-    prompts, overlap = evaluation_prompts(config, rundir, data)
+    prompts, overlap = evaluation_prompts(config, run)
+    rundir.write_json(PROMPTS_PATH, {"evaluation": prompts})
     baselines = [name for name in BASELINE_ADAPTERS if name in spec.systems]
-    models = SoupModels.from_manifest(
-        data, config.base, config.rewards.max_length, spec.resources.use_gpu, baselines
-    )
+    models = SoupModels.from_run(run, config.rewards.max_length, spec.resources.use_gpu, baselines)
     started = time.monotonic()
     responses, evaluators = _generate(config, models, combinations, prompts, tuned_weights)
     generate_seconds = time.monotonic() - started
@@ -173,7 +207,8 @@ def run_evaluate_stage(config: PsoupsConfig, rundir: RunDir) -> dict[str, dict[s
         f"prompts answered and scored in {generate_seconds:.0f}s; judging")  # fmt: skip
 
     outcomes: dict[str, dict[tuple[str, str], np.ndarray]] = {"reward": {}}
-    if models.tiny_world:
+    attributes = models.attributes is not None  # the run's world has an attribute judge
+    if attributes:
         outcomes["attributes"] = {}
     soups = [system for system in spec.systems if system in SOUP_SYSTEMS]
     pairs = [(soup, other) for soup in soups for other in spec.systems if other != soup]
@@ -184,11 +219,11 @@ def run_evaluate_stage(config: PsoupsConfig, rundir: RunDir) -> dict[str, dict[s
             a, b = mine.reward_scores(poles), theirs.reward_scores(poles)
             reward_rows.append([reward_outcome(x, y, spec.reward_tie_threshold)
                                 for x, y in zip(a, b, strict=True)])  # fmt: skip
-            if models.tiny_world:
+            if attributes:
                 a, b = mine.pole_shares(poles), theirs.pole_shares(poles)
                 share_rows.append([share_outcome(x, y) for x, y in zip(a, b, strict=True)])
         outcomes["reward"][soup, other] = np.array(reward_rows)  # (combinations, prompts)
-        if models.tiny_world:
+        if attributes:
             outcomes["attributes"][soup, other] = np.array(share_rows)
     text: dict[str, Any] | None = None
     text_success: dict[str, dict[str, dict[str, float]]] = {}
@@ -213,7 +248,7 @@ def run_evaluate_stage(config: PsoupsConfig, rundir: RunDir) -> dict[str, dict[s
             system: _system_metrics(
                 responses[key][system],
                 poles,
-                models.tiny_world,
+                attributes,
                 text_success.get(key, {}).get(system),
             )
             for system in spec.systems
@@ -245,10 +280,11 @@ def run_evaluate_stage(config: PsoupsConfig, rundir: RunDir) -> dict[str, dict[s
         "llm_judge": llm,
         "text_judge": text,
         "files": {
-            "samples": rundir.uri(SAMPLES_PATH),
-            "win_rates": rundir.uri(WIN_RATES_PATH),
-            "metrics": rundir.uri(METRICS_PATH),
-            "summary": rundir.uri(SUMMARY_PATH),
+            "samples": rundir.locate(SAMPLES_PATH),
+            "win_rates": rundir.locate(WIN_RATES_PATH),
+            "metrics": rundir.locate(METRICS_PATH),
+            "summary": rundir.locate(SUMMARY_PATH),
+            "prompts": rundir.locate(PROMPTS_PATH),
         },
     }
     rundir.write_json(SUMMARY_PATH, evaluation)
@@ -299,23 +335,26 @@ def _generate(config, models, combinations, prompts, tuned_weights):
     finally:
         pool.stop()
     by_label: dict[str | None, dict[str, Responses]] = {}
-    for (key, systems), result in zip(labels, results, strict=True):
+    for (key, systems), request, result in zip(labels, requests, results, strict=True):
+        queries, seed = request[0], request[3]
         by_label[key] = {
             system: Responses(
                 texts=sampled["responses"],
                 rewards=sampled["rewards"],
-                shown=_shown(sampled["responses"]) if models.tiny_world else None,
+                requests=[
+                    served_request(
+                        query, prompt, row_seed(seed, index), spec.generation, space.pole_ids
+                    )  # fmt: skip
+                    for index, prompt in enumerate(prompts)
+                ],
+                shown=[models.attributes.shown(t) for t in sampled["responses"]]
+                if models.attributes is not None
+                else None,
             )
-            for system, sampled in zip(systems, result, strict=True)
+            for system, query, sampled in zip(systems, queries, result, strict=True)
         }
     keys = ["+".join(poles) for poles in combinations]
     return {key: {**by_label.get(None, {}), **by_label[key]} for key in keys}, evaluators
-
-
-def _shown(texts: list[str]) -> list[set[str]]:
-    from psoups_ray.world import exhibited_poles
-
-    return [exhibited_poles(text) for text in texts]
 
 
 def _win_rate_tables(config, by_pair, keys, seed) -> dict[str, dict[str, Any]]:
@@ -338,7 +377,7 @@ def _win_rate_tables(config, by_pair, keys, seed) -> dict[str, dict[str, Any]]:
 def _system_metrics(
     responses: Responses,
     poles: tuple[str, ...],
-    tiny: bool,
+    attributes: bool,
     text_success: dict[str, float] | None,
 ) -> dict[str, Any]:
     """One system's metrics for one combination; the per-pole ones are
@@ -349,7 +388,7 @@ def _system_metrics(
         "rewards": {pole: float(np.mean(responses.rewards[pole])) for pole in poles},
         "response_words": float(np.mean([len(text.split()) for text in responses.texts])),
     }
-    if tiny:
+    if attributes:
         shares = responses.pole_shares(poles)
         metrics["success_rate"] = float((shares == 1.0).mean())
         metrics["pole_share"] = float(shares.mean())
@@ -373,6 +412,8 @@ def _write_samples(rundir, combinations, keys, prompts, responses) -> None:
                 }
                 if answers.shown is not None:
                     record["poles_shown"] = sorted(answers.shown[index])
+                if answers.requests:
+                    record["request"] = answers.requests[index]
                 lines.append(json.dumps(record, ensure_ascii=False))
     rundir.write_text(SAMPLES_PATH, "\n".join(lines) + "\n")
 

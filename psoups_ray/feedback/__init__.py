@@ -1,20 +1,10 @@
-"""Feedback: pairwise preference data per pole, ``(prompt, pole, chosen, rejected)``.
+"""The feedback stage: pairwise preference data per pole, ``(prompt, pole, chosen, rejected)``.
 
 :func:`run_feedback_stage` produces it (tiny world, user files, or base samples judged
-pairwise); other stages read it with :func:`load_feedback`.
+pairwise); later stages read it through the run's artifacts
+(:meth:`psoups_ray.artifacts.RunArtifacts.feedback`).
 """
 
-from psoups_ray.feedback.judges import CheckerJudge, PairToJudge, PairwiseJudge, Verdict
-from psoups_ray.feedback.rows import PreferenceRow, load_feedback
 from psoups_ray.feedback.stage import check_feedback_config, run_feedback_stage
 
-__all__ = [
-    "CheckerJudge",
-    "PairToJudge",
-    "PairwiseJudge",
-    "PreferenceRow",
-    "Verdict",
-    "check_feedback_config",
-    "load_feedback",
-    "run_feedback_stage",
-]
+__all__ = ["check_feedback_config", "run_feedback_stage"]

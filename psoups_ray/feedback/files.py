@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from psoups_ray.artifacts import PreferenceRow
 from psoups_ray.config import FeedbackFileSpec
 from psoups_ray.errors import PsoupsError
-from psoups_ray.feedback.rows import PreferenceRow
 from psoups_ray.preferences import CombinationError, PreferenceSpace
 
 ACCEPTED_FORMATS = (

@@ -25,14 +25,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from psoups_ray.artifacts import BaseArtifact, PreferenceRow, RunArtifacts
 from psoups_ray.config import GenerationSpec, PsoupsConfig, ScalingSpec
 from psoups_ray.errors import PsoupsError
-from psoups_ray.feedback.judges import CheckerJudge, PairToJudge, PairwiseJudge, Verdict
-from psoups_ray.feedback.rows import PreferenceRow
+from psoups_ray.judges import PairToJudge, PairwiseJudge, Verdict
+from psoups_ray.judges.attributes import AttributeJudge
 from psoups_ray.manifest import MANIFEST_NAME, Manifest
 from psoups_ray.progress import log
-from psoups_ray.rundir import RunDir, local_reference
+from psoups_ray.rundir import RunDir
 from psoups_ray.seeding import derive_seed
+from psoups_ray.world import data_world
 
 MIN_JUDGE_BATCH = 32
 """Pairs judged between two progress lines (at least; more with a concurrent judge)."""
@@ -65,11 +67,7 @@ class PoleSampling:
 class SamplingJob:
     """Everything the sampling task needs; built on the driver, shipped to the Ray task."""
 
-    model_path: str
-    tokenizer_path: str
-    dtype: str
-    revision: str | None
-    trust_remote_code: bool
+    base: BaseArtifact
     poles: tuple[PoleSampling, ...]
     generation: GenerationSpec
     seed: int
@@ -168,10 +166,8 @@ def sample_prompts(pool: Sequence[str], n: int, seed: int) -> list[str]:
 def _prompt_pool(config: PsoupsConfig) -> list[str]:
     if config.feedback.prompts_file:
         return read_prompts_file(config.feedback.prompts_file)
-    if config.base.is_tiny:
-        from psoups_ray.world import TinyWorld
-
-        world = TinyWorld(seed=config.world.seed, num_eval_prompts=config.world.num_eval_prompts)
+    world = data_world(config)
+    if world is not None:
         return list(world.train_prompts)
     raise PsoupsError(
         "feedback.source 'generate' with a real base model needs feedback.prompts_file "
@@ -203,14 +199,12 @@ def eval_pairs_per_pole(config: PsoupsConfig) -> int:
 
 def build_sampling_job(config: PsoupsConfig, rundir: RunDir) -> SamplingJob:
     """The sampling job for ``config``, with the base model recorded in the run's manifest."""
-    base: dict[str, Any] = {}
-    if rundir.exists(MANIFEST_NAME):
-        base = Manifest.load(rundir).data.get("base") or {}
-    if not base.get("model_path"):
+    if not rundir.exists(MANIFEST_NAME):
         raise PsoupsError(
             f"feedback.source 'generate' samples from the base model, but {rundir.location} "
-            "records none; run the base stage first"
+            "has no run yet; run the base stage first"
         )
+    base = RunArtifacts(rundir, Manifest.load(rundir).data).base
     pool = _prompt_pool(config)
     space = config.space
     feedback = config.feedback
@@ -230,13 +224,8 @@ def build_sampling_job(config: PsoupsConfig, rundir: RunDir) -> SamplingJob:
             PoleSampling(pole_id, space.pole(pole_id).prompt, prompts_for(pole_id))
             for pole_id in space.pole_ids
         )
-    from_hub = base["model_path"] == base.get("model")
     return SamplingJob(
-        model_path=base["model_path"],
-        tokenizer_path=base.get("tokenizer_path") or base["model_path"],
-        dtype=config.base.dtype,
-        revision=base.get("revision") if from_hub else None,
-        trust_remote_code=config.base.trust_remote_code,
+        base=base,
         poles=poles,
         generation=feedback.generation,
         seed=config.seed,
@@ -280,19 +269,13 @@ def sample_responses(job: SamplingJob) -> Responses:
     """Two sampled responses per (pole, prompt) from the base; the model is freed after."""
     import torch
 
-    from psoups_ray.base.model import load_causal_lm, load_tokenizer
-    from psoups_ray.generation import generate
     from psoups_ray.prompting import format_prompt
+    from psoups_ray.runtime.loading import load_base_model, load_base_tokenizer
+    from psoups_ray.runtime.sampling import Sampler, sample_texts
 
-    tokenizer = load_tokenizer(
-        local_reference(job.tokenizer_path), job.revision, job.trust_remote_code
-    )
-    model = load_causal_lm(
-        local_reference(job.model_path), job.dtype, job.revision, job.trust_remote_code
-    )
-    if job.use_gpu and torch.cuda.is_available():
-        torch.set_float32_matmul_precision("high")  # TF32 for float32 weights
-        model = model.to("cuda")
+    tokenizer = load_base_tokenizer(job.base)
+    model = load_base_model(job.base, device="auto" if job.use_gpu else "cpu")
+    sampler = Sampler(model, tokenizer)
     responses: Responses = {}
     for sampling in job.poles:
         queries = {
@@ -306,9 +289,7 @@ def sample_responses(job: SamplingJob) -> Responses:
             ]
             seed = derive_seed(job.seed, "generate", sampling.pole, which)
             progress = _sampling_progress(sampling.pole, which)
-            samples.append(
-                generate(model, tokenizer, formatted, job.generation, seed=seed, on_batch=progress)
-            )
+            samples.append(sample_texts(sampler, formatted, job.generation, seed, progress))
         responses[sampling.pole] = (samples[0], samples[1])
     del model
     gc.collect()
@@ -331,14 +312,14 @@ def make_judge(config: PsoupsConfig, rundir: RunDir) -> PairwiseJudge:
     """The configured judge; the LLM judge caches its answers in the run directory."""
     feedback = config.feedback
     if feedback.judge == "checkers":
-        return CheckerJudge()
+        return AttributeJudge()
     if feedback.judge == "openai":
-        from psoups_ray.feedback.openai_judge import JudgeCache, OpenAIJudge, judge_criteria
+        from psoups_ray.judges.openai import JudgeCache, OpenAIJudge, judge_criteria
 
         criteria = judge_criteria(feedback.openai, config.space)
         return OpenAIJudge(feedback.openai, criteria, seed=config.seed, cache=JudgeCache(rundir))
     if feedback.judge == "text":
-        from psoups_ray.feedback.text_judges import TextJudge
+        from psoups_ray.judges.text import TextJudge
 
         return TextJudge()
     raise PsoupsError(f"feedback.judge {feedback.judge!r} is not one of checkers, openai, text")

@@ -11,35 +11,14 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
-from psoups_ray.errors import PsoupsError, StorageError
+from psoups_ray.artifacts import FEEDBACK_DIR, PROMPTS_PATH, PreferenceRow
+from psoups_ray.errors import PsoupsError
 from psoups_ray.rundir import RunDir
 from psoups_ray.seeding import derive_seed
 
-FEEDBACK_DIR = "feedback"
-TRAIN_PATH = f"{FEEDBACK_DIR}/train.jsonl"
-EVAL_PATH = f"{FEEDBACK_DIR}/eval.jsonl"
 LABELS_PATH = f"{FEEDBACK_DIR}/labels.jsonl"
-JUDGE_CACHE_PATH = f"{FEEDBACK_DIR}/judge_cache.jsonl"
-SPLIT_PATHS: dict[str, str] = {"train": TRAIN_PATH, "eval": EVAL_PATH}
-ROW_FIELDS = ("prompt", "pole", "chosen", "rejected")
-
-Split = Literal["train", "eval"]
-
-
-@dataclass(frozen=True)
-class PreferenceRow:
-    """One pair of feedback for one pole: ``chosen`` satisfies ``pole`` better than ``rejected``."""
-
-    prompt: str
-    pole: str
-    chosen: str
-    rejected: str
-
-    def to_dict(self) -> dict[str, str]:
-        return asdict(self)
 
 
 def count_by_pole(
@@ -112,29 +91,17 @@ def rows_to_jsonl(rows: Iterable[dict[str, Any]]) -> str:
 def write_rows(rundir: RunDir, relpath: str, rows: Iterable[PreferenceRow]) -> str:
     """Write rows as JSONL (atomically); returns the file's location."""
     rundir.write_text(relpath, rows_to_jsonl(row.to_dict() for row in rows))
-    return rundir.uri(relpath)
+    return rundir.locate(relpath)
 
 
-def load_feedback(rundir: RunDir, split: Split) -> list[PreferenceRow]:
-    """The feedback stage's ``train`` or ``eval`` pairs from a run directory."""
-    if split not in SPLIT_PATHS:
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    relpath = SPLIT_PATHS[split]
-    if not rundir.exists(relpath):
-        raise StorageError(
-            f"missing {rundir.uri(relpath)}; run the feedback stage first "
-            f"(psoups feedback --out {rundir.location})"
-        )
-    rows = []
-    for number, line in enumerate(rundir.read_text(relpath).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            rows.append(PreferenceRow(*(record[field] for field in ROW_FIELDS)))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise StorageError(
-                f"{rundir.uri(relpath)}: line {number} is not a feedback row ({exc}); re-run "
-                "the feedback stage with --force"
-            ) from None
-    return rows
+def write_prompt_splits(rundir: RunDir, train: Sequence[PreferenceRow],
+                        eval_rows: Sequence[PreferenceRow]) -> str:  # fmt: skip
+    """The distinct prompts of each split, in order (``train``; ``held_out``: those of
+    the eval pairs, which later stages measure, tune and evaluate on); returns the file's
+    location."""
+    splits = {
+        "train": list(dict.fromkeys(row.prompt for row in train)),
+        "held_out": list(dict.fromkeys(row.prompt for row in eval_rows)),
+    }
+    rundir.write_json(PROMPTS_PATH, splits)
+    return rundir.locate(PROMPTS_PATH)

@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from psoups_ray.artifacts import EVAL_PATH, TRAIN_PATH, PreferenceRow
 from psoups_ray.config import PsoupsConfig
 from psoups_ray.errors import ConfigError, PsoupsError
 from psoups_ray.feedback.files import (
@@ -28,20 +29,19 @@ from psoups_ray.feedback.files import (
     PARQUET_SUFFIXES,
     read_feedback_files,
 )
-from psoups_ray.feedback.openai_judge import openai_judge_problems
 from psoups_ray.feedback.rows import (
-    EVAL_PATH,
     LABELS_PATH,
-    TRAIN_PATH,
-    PreferenceRow,
     count_by_pole,
     rows_to_jsonl,
     split_by_prompt,
+    write_prompt_splits,
     write_rows,
 )
+from psoups_ray.judges.openai import openai_judge_problems
 from psoups_ray.progress import log
 from psoups_ray.rundir import RunDir
 from psoups_ray.seeding import derive_seed
+from psoups_ray.world import data_world
 
 Rows = list[PreferenceRow]
 
@@ -66,6 +66,7 @@ def run_feedback_stage(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
         "source": source,
         "train_path": write_rows(rundir, TRAIN_PATH, train),
         "eval_path": write_rows(rundir, EVAL_PATH, eval_rows),
+        "prompts_path": write_prompt_splits(rundir, train, eval_rows),
         "counts": counts,
         **details,
     }
@@ -146,7 +147,7 @@ def _generate_problems(config: PsoupsConfig) -> list[str]:
         problem = _prompts_file_problem(key, path) if path else None
         if problem:
             problems.append(problem)
-    if not feedback.prompts_file and not config.base.is_tiny:
+    if not feedback.prompts_file and data_world(config) is None:
         problems.append(
             "feedback.prompts_file: required for source 'generate' with a real base model "
             "(a .txt with one instruction per line, JSONL with a 'prompt' field, or "
@@ -157,7 +158,7 @@ def _generate_problems(config: PsoupsConfig) -> list[str]:
             openai_judge_problems(feedback.openai, "feedback.openai", config.space.pole_ids)
         )
     if feedback.judge == "text":
-        from psoups_ray.feedback.text_judges import text_judge_problems
+        from psoups_ray.judges.text import text_judge_problems
 
         problems.extend(text_judge_problems("feedback.judge"))
     if feedback.eval_prompts_file and feedback.prompts_per_pole < 3:
@@ -263,7 +264,7 @@ def _generated_feedback(config: PsoupsConfig, rundir: RunDir) -> tuple[Rows, Row
             pairs, pole_ids, feedback.eval_fraction, config.seed, context=context
         )
     details = {
-        "labels_path": rundir.uri(LABELS_PATH),
+        "labels_path": rundir.locate(LABELS_PATH),
         "judged": {pole: judged[pole] for pole in pole_ids},
         "ties": {pole: ties[pole] for pole in pole_ids},
         "skipped": {pole: skipped[pole] for pole in pole_ids},

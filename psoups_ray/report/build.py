@@ -16,7 +16,7 @@ import json
 import math
 from typing import Any
 
-from psoups_ray.manifest import Manifest
+from psoups_ray.manifest import STAGE_ORDER, Manifest
 from psoups_ray.progress import log
 from psoups_ray.report import plots
 from psoups_ray.rundir import RunDir
@@ -107,12 +107,10 @@ class Report:
             for pole in dimension["poles"]
         ]
         self.lines += ["Preference space:", "", *_table(["pole", "dimension", "prompt"], poles)]
-        from psoups_ray.pipeline import STAGE_NAMES
-
         stages = self.data.get("stages", {})
         rows = [
             [name, stages[name].get("status", "?"), f"{stages[name].get('seconds', 0):.0f} s"]
-            for name in STAGE_NAMES
+            for name in STAGE_ORDER
             if name in stages and name != "report"
         ]
         self.lines += ["Stages:", "", *_table(["stage", "status", "time"], rows)]
@@ -275,9 +273,9 @@ class Report:
                 self.image("pareto_fronts.png", plots.pareto_grid(fronts), "Pareto fronts")
 
     def _tune_objective(self, section: dict[str, Any]) -> str:
-        """One sentence: what the trials maximised, over which total weights."""
-        spec = (self.data.get("config") or {}).get("tune") or {}
-        kind = "the worst" if spec.get("objective") == "worst" else "the mean"
+        """One sentence: what the trials maximised, over which total weights (as the tune
+        stage recorded them: a later invocation's config may say otherwise)."""
+        kind = "the worst" if section.get("objective") == "worst" else "the mean"
         references = section.get("references")
         if section.get("pole_score") == "gain" and references:
             ends = ", ".join(
@@ -290,7 +288,7 @@ class Report:
             )
         else:
             what = f"maximised {kind} of the poles' mean normalised rewards"
-        low, high = spec.get("scale") or (1.0, 1.0)
+        low, high = section.get("scale") or (1.0, 1.0)
         if low == high == 1.0:
             return f"trials {what}, weights summing to 1."
         if low == high:
@@ -434,7 +432,7 @@ def build_report(rundir: RunDir) -> dict[str, Any]:
     report.footer()
     rundir.write_text(REPORT_PATH, "\n".join(report.lines))
     log(f"report: {rundir.uri(REPORT_PATH)} ({len(report.plots)} plots)")
-    return {"path": rundir.uri(REPORT_PATH), "plots": [rundir.uri(p) for p in report.plots]}
+    return {"path": rundir.locate(REPORT_PATH), "plots": [rundir.locate(p) for p in report.plots]}
 
 
 def rebuild_report(location: str) -> dict[str, Any]:

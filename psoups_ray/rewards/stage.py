@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from psoups_ray.artifacts import AdapterArtifact, RunArtifacts
 from psoups_ray.config import PsoupsConfig
+from psoups_ray.judges.attributes import AttributeJudge, attribute_judge
 from psoups_ray.manifest import Manifest
 from psoups_ray.ray_utils import TorchRun, fit_torch_runs
 from psoups_ray.rewards.train import RewardJob, reward_train_loop
@@ -22,9 +24,10 @@ from psoups_ray.rundir import RunDir
 MULTITASK = "multitask"
 
 
-def reward_jobs(config: PsoupsConfig, rundir: RunDir, base: dict[str, Any]) -> list[RewardJob]:
+def reward_jobs(config: PsoupsConfig, run: RunArtifacts) -> list[RewardJob]:
     """The runs the configured mode needs: one per pole, or one conditioned multitask run."""
     space = config.space
+    base = run.base
     prompts = {pole: space.pole(pole).prompt for pole in space.pole_ids}
     groups = (
         [(pole, (pole,), False) for pole in space.pole_ids]
@@ -33,14 +36,12 @@ def reward_jobs(config: PsoupsConfig, rundir: RunDir, base: dict[str, Any]) -> l
     )
     return [
         RewardJob(
-            run_location=rundir.location,
+            run_location=run.location,
             name=name,
             poles=poles,
             conditioned=conditioned,
             preference_prompts=prompts,
-            base_model_path=base["model_path"],
-            tokenizer_path=base["tokenizer_path"],
-            base=config.base,
+            base=base,
             rewards=config.rewards,
             seed=config.seed,
             output_relpath=f"rewards/{name}/adapter",
@@ -52,8 +53,7 @@ def reward_jobs(config: PsoupsConfig, rundir: RunDir, base: dict[str, Any]) -> l
 
 def run_rewards_stage(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
     """Train the reward models; returns the manifest's ``rewards`` section."""
-    base = Manifest.load(rundir).data["base"]
-    jobs = reward_jobs(config, rundir, base)
+    jobs = reward_jobs(config, RunArtifacts(rundir, Manifest.load(rundir).data))
     times = fit_torch_runs(
         [
             TorchRun(reward_train_loop, {"job": job}, config.rewards.resources, "rewards", job.name)
@@ -69,22 +69,23 @@ def run_rewards_stage(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
         train["ray_run"] = times[job.name]  # launch to fit() returning, seen by the driver
         for pole in job.poles:
             section[pole] = {
-                "path": rundir.uri(job.output_relpath),
+                "path": rundir.locate(job.output_relpath),
                 "mode": config.rewards.mode,
                 "conditioned": job.conditioned,
                 "metrics": {**metrics["eval"][pole], "train": train},
             }
-    if config.base.is_tiny:
-        correlations = checker_agreement(config, rundir, section)
+    judge = attribute_judge(config)
+    if judge is not None:
+        correlations = checker_agreement(config, rundir, section, judge)
         for pole, value in correlations.items():
             section[pole]["metrics"]["checker_correlation_on_base_samples"] = value
     return section
 
 
 def checker_agreement(
-    config: PsoupsConfig, rundir: RunDir, rewards: dict[str, Any]
+    config: PsoupsConfig, rundir: RunDir, rewards: dict[str, Any], judge: AttributeJudge
 ) -> dict[str, float | None]:
-    """Per pole: Pearson correlation between the reward and the attribute checker's verdict
+    """Per pole: Pearson correlation between the reward and the attribute judge's verdict
     (1 if the text shows the pole, else 0) on the base model's held-out samples."""
     import json
 
@@ -92,24 +93,26 @@ def checker_agreement(
 
     from psoups_ray.progress import log
     from psoups_ray.rewards.scorer import RewardScorer
-    from psoups_ray.world import exhibited_poles
 
-    base = Manifest.load(rundir).data["base"]
-    samples_path = rundir.relpath_of(base.get("samples_path", ""))
+    artifacts = RunArtifacts(rundir, Manifest.load(rundir).data)
+    samples_path = rundir.relpath_of(artifacts.data["base"].get("samples_path", ""))
     if samples_path is None or not rundir.exists(samples_path):
         return {}
     samples = [json.loads(line) for line in rundir.read_text(samples_path).splitlines() if line]
     space = config.space
+    adapters = {
+        pole: AdapterArtifact(pole, "reward", rundir.resolve(record["path"]))
+        for pole, record in rewards.items()
+    }
     scorer = RewardScorer(
-        rewards,
-        base["model_path"],
-        base["tokenizer_path"],
-        config.base,
+        artifacts.base,
+        adapters,
         {pole: space.pole(pole).prompt for pole in space.pole_ids},
+        config.rewards.max_length,
     )
     prompts = [s["prompt"] for s in samples]
     responses = [s["response"] for s in samples]
-    found = [exhibited_poles(text) for text in responses]
+    found = [judge.shown(text) for text in responses]
     result: dict[str, float | None] = {}
     for pole in rewards:
         shows = torch.tensor([pole in poles for poles in found], dtype=torch.float)

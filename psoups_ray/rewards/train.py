@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,11 +24,12 @@ from peft import LoraConfig, TaskType
 from transformers import AutoModelForSequenceClassification, PrinterCallback, TrainerCallback
 from trl import RewardConfig, RewardTrainer
 
-from psoups_ray.base.model import DTYPES, load_options, load_tokenizer
-from psoups_ray.config import BaseConfig, RewardsConfig
-from psoups_ray.errors import PsoupsError
+from psoups_ray.artifacts import BaseArtifact, RunArtifacts
+from psoups_ray.config import RewardsConfig
 from psoups_ray.progress import log
-from psoups_ray.rundir import RunDir, local_reference
+from psoups_ray.rundir import RunDir
+from psoups_ray.runtime.loading import DTYPES, load_base_tokenizer
+from psoups_ray.runtime.rewards import STATS_FILE, reward_input, score_right_padded
 from psoups_ray.scratch import scratch_directory
 from psoups_ray.seeding import derive_seed
 from psoups_ray.training import (
@@ -45,8 +45,6 @@ from psoups_ray.training import (
     worker_node_id,
 )
 
-STATS_FILE = "reward_stats.json"
-
 
 @dataclass(frozen=True)
 class RewardJob:
@@ -57,9 +55,7 @@ class RewardJob:
     poles: tuple[str, ...]  # the poles whose feedback it learns
     conditioned: bool  # the pole's preference prompt is part of the input
     preference_prompts: dict[str, str]  # pole id -> preference prompt
-    base_model_path: str
-    tokenizer_path: str
-    base: BaseConfig
+    base: BaseArtifact
     rewards: RewardsConfig
     seed: int
     output_relpath: str  # adapter directory in the run dir
@@ -97,63 +93,6 @@ class LengthSortedRewardTrainer(MicroBatchMixin, RewardTrainer):
         return result * self.loss_weight
 
 
-def read_reward_stats(directory: str | Path, location: str | None = None) -> dict[str, Any]:
-    """The ``reward_stats.json`` next to a reward adapter (``conditioned`` + per-pole stats)."""
-    path = Path(directory, STATS_FILE)
-    if not path.is_file():
-        raise PsoupsError(
-            f"reward adapter {location or directory} has no {STATS_FILE}; re-run the rewards "
-            "stage with --force"
-        )
-    return json.loads(path.read_text())
-
-
-def score_right_padded(
-    tokenizer,
-    texts: Sequence[str],
-    batch_size: int,
-    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    max_length: int | None = None,
-) -> torch.Tensor:
-    """``score(input_ids, attention_mask)`` of every text, in batches: (len(texts),).
-
-    Batches are right-padded (a sequence classifier reads its score at the last non-pad
-    token) and hold texts of similar token length (sorted longest first), so little of
-    their compute goes to padding; each text's score does not depend on its batch-mates.
-    ``score`` maps a (b, L) batch to (b,) scores. ``max_length`` truncates; None keeps
-    every token.
-    """
-    if tokenizer.pad_token_id is None:
-        raise PsoupsError("the tokenizer has no pad token: reward scores need one")
-    encoded = tokenizer(list(texts), truncation=max_length is not None, max_length=max_length)[
-        "input_ids"
-    ]
-    lengths = [len(ids) for ids in encoded]
-    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
-    scores = torch.zeros(len(texts))
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        width = lengths[rows[0]]
-        input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for row, index in enumerate(rows):
-            input_ids[row, : lengths[index]] = torch.tensor(encoded[index])
-            attention_mask[row, : lengths[index]] = 1
-        scores[rows] = score(input_ids, attention_mask).float().cpu()  # (b,)
-    return scores
-
-
-def reward_input(
-    tokenizer, prompt: str, response: str, preference_prompt: str | None = None
-) -> tuple[str, str]:
-    """(prompt text, response text) exactly as the reward model sees them (EOS appended)."""
-    from psoups_ray.prompting import format_prompt
-
-    eos = tokenizer.eos_token or ""
-    text = response if response.endswith(eos) else response + eos
-    return format_prompt(tokenizer, prompt, preference_prompt), text
-
-
 def lora_config(spec, num_layers: int) -> LoraConfig:
     return LoraConfig(
         task_type=TaskType.SEQ_CLS,  # also trains and saves the score head (modules_to_save)
@@ -177,23 +116,19 @@ def deepspeed_config(rewards: RewardsConfig) -> dict[str, Any] | None:
     }
 
 
-def load_reward_base(base_model_path: str, base: BaseConfig):
+def load_reward_base(base: BaseArtifact):
     """The base as a sequence classifier with a fresh one-output score head."""
-    model = AutoModelForSequenceClassification.from_pretrained(
-        local_reference(base_model_path),
+    return AutoModelForSequenceClassification.from_pretrained(
+        base.local_model(),
         num_labels=1,
         dtype="auto" if base.dtype == "auto" else DTYPES[base.dtype],
-        revision=base.revision,
-        trust_remote_code=base.trust_remote_code,
+        **base.load_options(),
     )
-    return model
 
 
 def _rows(job: RewardJob, tokenizer, split: str) -> list[dict[str, str]]:
-    from psoups_ray.feedback import load_feedback
-
     rows = []
-    for row in load_feedback(RunDir(job.run_location), split):
+    for row in RunArtifacts.load(job.run_location).feedback(split):
         if row.pole not in job.poles:
             continue
         preference = job.preference_prompts[row.pole] if job.conditioned else None
@@ -210,11 +145,11 @@ def run_reward_training(job: RewardJob, *, under_ray: bool = False) -> dict[str,
     if torch.distributed.is_initialized():
         rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     spec = job.rewards
-    tokenizer = load_tokenizer(local_reference(job.tokenizer_path), **load_options(job.base))
+    tokenizer = load_base_tokenizer(job.base)
     train_rows = _rows(job, tokenizer, "train")
     eval_rows = _rows(job, tokenizer, "eval")
     torch.manual_seed(derive_seed(job.seed, job.name, "init"))  # the score head's init
-    model = load_reward_base(job.base_model_path, job.base)
+    model = load_reward_base(job.base)
     model.config.pad_token_id = tokenizer.pad_token_id
 
     with scratch_directory(f"reward-{job.name}") as scratch:
@@ -281,7 +216,7 @@ def run_reward_training(job: RewardJob, *, under_ray: bool = False) -> dict[str,
         }
         if rank == 0:
             model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
-            stats = held_out_statistics(model, tokenizer, eval_rows, job.poles)
+            stats = held_out_statistics(model, tokenizer, eval_rows, job.poles, spec.max_length)
             metrics["eval"] = stats
             Path(adapter_dir, "training_args.bin").unlink(missing_ok=True)
             _write_json(Path(adapter_dir, STATS_FILE), {"conditioned": job.conditioned, **stats})
@@ -294,8 +229,17 @@ def run_reward_training(job: RewardJob, *, under_ray: bool = False) -> dict[str,
 
 
 @torch.no_grad()
-def score_texts(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 32):
-    """Scalar rewards for (prompt text, response text) pairs built by :func:`reward_input`."""
+def score_texts(
+    model,
+    tokenizer,
+    prompts: list[str],
+    responses: list[str],
+    max_length: int | None,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Scalar rewards of the sequence classifier being trained for (prompt text, response
+    text) pairs built by :func:`reward_input`, truncated as every stage truncates them
+    (:mod:`psoups_ray.runtime.rewards`)."""
     model.eval()
     device = next(model.parameters()).device
     texts = [p + r for p, r in zip(prompts, responses, strict=True)]
@@ -306,17 +250,24 @@ def score_texts(model, tokenizer, prompts: list[str], responses: list[str], batc
         lambda ids, mask: model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[
             :, 0
         ],
+        max_length,
     )
 
 
-def held_out_statistics(model, tokenizer, rows: list[dict[str, str]], poles) -> dict[str, Any]:
+def held_out_statistics(
+    model, tokenizer, rows: list[dict[str, str]], poles, max_length: int | None
+) -> dict[str, Any]:
     """Per pole: held-out pairwise accuracy, and the score mean/std over the responses."""
     stats: dict[str, Any] = {}
     for pole in poles:
         pole_rows = [r for r in rows if r["pole"] == pole]
         prompts = [r["prompt"] for r in pole_rows]
-        chosen = score_texts(model, tokenizer, prompts, [r["chosen"] for r in pole_rows])
-        rejected = score_texts(model, tokenizer, prompts, [r["rejected"] for r in pole_rows])
+        chosen = score_texts(
+            model, tokenizer, prompts, [r["chosen"] for r in pole_rows], max_length
+        )
+        rejected = score_texts(
+            model, tokenizer, prompts, [r["rejected"] for r in pole_rows], max_length
+        )
         both = torch.cat([chosen, rejected])
         stats[pole] = {
             "accuracy": round(float((chosen > rejected).float().mean()), 4) if pole_rows else None,

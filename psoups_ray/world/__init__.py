@@ -14,8 +14,20 @@ from psoups_ray.world.generator import (
     WorldExample,
 )
 
+
+def data_world(config) -> TinyWorld | None:
+    """The world a run's data comes from: the tiny world when its base is the tiny world's
+    model (trained on the world's text), None for a real model. Stages ask this, and the
+    run's attribute judge (:func:`psoups_ray.judges.attributes.attribute_judge`), instead of
+    asking which base the run has."""
+    if not config.base.is_tiny:
+        return None
+    return TinyWorld(seed=config.world.seed, num_eval_prompts=config.world.num_eval_prompts)
+
+
 __all__ = [
     "WORLD_POLES",
+    "data_world",
     "PreferencePair",
     "TinyWorld",
     "Topic",

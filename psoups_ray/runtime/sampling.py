@@ -1,0 +1,488 @@
+"""The one decode loop: PPO rollouts, feedback sampling, tune, evaluate and serving call it.
+
+:class:`Sampler` decodes a batch of :class:`SampleRequest` rows with a KV cache. Each row
+has its own prompt, soup weights (when the model mixes adapters,
+:mod:`psoups_ray.runtime.mixing`) and :class:`SamplingParams`: temperature (0: greedy),
+top-k, top-p, stop strings, max tokens and a seed. A row draws from its own generator
+seeded with its seed, so its tokens never depend on its batch-mates: the same soup,
+prompt, seed and settings give the same text in a tune trial, in the evaluation and in an
+HTTP request. Rows that have finished (EOS, a stop string, their own ``max_tokens``) leave
+the batch the model computes, so a short row batched with a long one stops costing
+compute when it ends. :meth:`Sampler.stream` yields every row's new text at every step
+(serving); :meth:`Sampler.complete` runs requests to the end in batches.
+
+The distribution is the tempered softmax, cut by top-k then top-p exactly as transformers'
+logits warpers cut it (:func:`sampling_probabilities`); a row's token is drawn by inverting
+its cumulative distribution at one uniform number per step from its generator. Settings a
+model's own generation config may carry beyond these (repetition penalty and the like) are
+not applied: PPO's log-probabilities assume the plain tempered distribution.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from psoups_ray.config import GenerationSpec
+from psoups_ray.errors import PsoupsError
+from psoups_ray.progress import log
+from psoups_ray.runtime.batching import left_padded, position_ids_for
+from psoups_ray.runtime.cache import (
+    cache_argument,
+    can_select_rows,
+    drop_finished_rows,
+    preallocated_cache,
+    returned_cache,
+)
+from psoups_ray.runtime.text import RowText, final_text
+from psoups_ray.seeding import derive_seed
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one row samples (the OpenAI / vLLM meaning of each field)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    """0: greedy."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0: no cut."""
+    top_p: float = 1.0
+    """Keep the most likely tokens whose probabilities add up to top_p; 1: no cut."""
+    seed: int | None = None
+    """Seeds the row's own generator; None: a random seed."""
+    stop: tuple[str, ...] = ()
+    """The text ends before the first of these (not included)."""
+
+    def __post_init__(self):
+        problems = []
+        if self.max_tokens < 1:
+            problems.append(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not self.temperature >= 0:
+            problems.append(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            problems.append(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if problems:
+            raise PsoupsError("; ".join(problems))
+
+    @classmethod
+    def from_spec(cls, spec: GenerationSpec, seed: int | None) -> SamplingParams:
+        """A config section's sampling settings (``*.generation``) with this row's seed."""
+        return cls(
+            max_tokens=spec.max_new_tokens,
+            temperature=spec.temperature,
+            top_k=spec.top_k,
+            top_p=spec.top_p,
+            seed=seed,
+        )
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """One row to decode: its prompt's tokens, settings and soup weights (one per adapter
+    the sampler's mixer holds; None: the model as it is, no adapter mixed in)."""
+
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    weights: tuple[float, ...] | None = None
+
+
+@dataclass
+class StepOutput:
+    """What one row produced in one decoding step."""
+
+    text: str  # new text since the previous step (may be empty)
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" (EOS or a stop string) | "length"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    token_id: int | None = None  # the token sampled at this step (None once finished)
+    final_text: str | None = None  # the whole text, once finished
+
+
+@dataclass
+class Completion:
+    """A finished row."""
+
+    text: str
+    token_ids: list[int]  # every sampled token, the EOS that ended it included
+    finish_reason: str
+    prompt_tokens: int
+
+
+def sampling_probabilities(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
+    """Next-token distributions after temperature, then top-k, then top-p, as transformers'
+    warpers compute them, with per-row settings: (B, V) float logits, (B,) settings ->
+    (B, V). ``top_k`` 0 and ``top_p`` 1 leave the distribution whole; a row with
+    temperature 0 gets the temperature-1 distribution (it decodes greedily anyway)."""
+    vocab = logits.shape[-1]
+    scores = logits / torch.where(temperature > 0, temperature, 1.0).unsqueeze(1)
+    cut = (top_k > 0) & (top_k < vocab)
+    if bool(cut.any()):
+        k = torch.where(cut, top_k, 1)
+        top = torch.topk(scores, int(k.max()), dim=-1).values  # (B, k_max), descending
+        kth = top.gather(1, (k - 1).unsqueeze(1))  # (B, 1)
+        kth = torch.where(cut.unsqueeze(1), kth, -float("inf"))
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+    if bool((top_p < 1).any()):
+        ascending, order = torch.sort(scores, descending=False)
+        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= (1 - top_p).unsqueeze(1)
+        drop[:, -1:] = False  # the most likely token always stays
+        scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
+    return scores.softmax(dim=-1)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    uniforms: torch.Tensor,
+) -> torch.Tensor:
+    """One token per row: (B, V) float logits, per-row settings and a uniform number in
+    [0, 1) per row -> (B,). The token is the inverse of the row's cumulative distribution
+    at its uniform number; temperature 0 (and a row whose logits overflowed, which must not
+    fail its batch) takes the most likely token."""
+    greedy = logits.argmax(dim=-1)
+    probs = sampling_probabilities(logits, temperature, top_k, top_p)
+    cdf = probs.cumsum(dim=-1)  # (B, V), non-decreasing
+    target = (uniforms.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)  # (B, 1)
+    drawn = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
+    # right=True never lands on a token of probability 0 but at the very top of the range,
+    # where rounding can leave the target at the total: take the most likely token there.
+    drawn = torch.where(probs.gather(1, drawn.unsqueeze(1)).squeeze(1) > 0, drawn, greedy)
+    sampleable = (temperature > 0) & torch.isfinite(probs).all(dim=-1)
+    return torch.where(sampleable, drawn, greedy)
+
+
+def row_seed(seed: int, index: int) -> int:
+    """The seed of row ``index`` of a batch of prompts sampled with ``seed`` (a stage's
+    rows carry it in their records, so a request with it reproduces the row)."""
+    return derive_seed(seed, "row", index)
+
+
+def row_uniforms(seed: int | None, steps: int) -> torch.Tensor:
+    """The uniform numbers a row draws its tokens with, one per step: (steps,). From a
+    generator of its own, seeded with ``seed`` (a random one when None)."""
+    generator = torch.Generator()
+    generator.manual_seed(seed if seed is not None else random.getrandbits(63))
+    return torch.rand(steps, generator=generator, dtype=torch.float64)
+
+
+@dataclass
+class _Row:
+    request: SampleRequest
+    text: RowText | None  # None: the text is decoded once, when the row finishes
+    ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    final: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Sampler:
+    """The decode loop over ``model`` (a causal LM), with ``mixer`` when its linear layers
+    mix adapters per row (:func:`psoups_ray.runtime.mixing.attach_mixing`).
+
+    ``tokenizer`` None: tokens only (benchmarks), no texts; EOS and padding come from the
+    model's generation config."""
+
+    def __init__(self, model: nn.Module, tokenizer, mixer=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.mixer = mixer
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        warn_ignored_settings(model)
+        pad = getattr(tokenizer if tokenizer is not None else model.generation_config,
+                      "pad_token_id", None)  # fmt: skip
+        self.pad_token_id = pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode(
+        self, prompts: Sequence[str], max_length: int | None = None
+    ) -> list[tuple[int, ...]]:
+        """Token ids of formatted prompts (:func:`psoups_ray.prompting.format_prompt`);
+        ``max_length`` keeps each prompt's last tokens."""
+        from psoups_ray.prompting import adds_special_tokens
+
+        encoded = self.tokenizer(
+            list(prompts), add_special_tokens=adds_special_tokens(self.tokenizer)
+        )["input_ids"]
+        if max_length is not None:
+            encoded = [ids[-max_length:] for ids in encoded]
+        return [tuple(ids) for ids in encoded]
+
+    def complete(
+        self,
+        requests: Sequence[SampleRequest],
+        batch_size: int,
+        on_batch: Callable[[int, int], None] | None = None,
+        model: nn.Module | None = None,
+    ) -> list[Completion]:
+        """Decode every request to its end, ``batch_size`` rows at a time (prompts of
+        similar length together); results in request order. ``on_batch(done, total)``
+        after each batch."""
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i].prompt_ids))
+        results: list[Completion | None] = [None] * len(requests)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            ids: list[list[int]] = [[] for _ in chunk]
+            last: list[StepOutput | None] = [None] * len(chunk)
+            for outputs in self.stream([requests[i] for i in chunk], model, text=False):
+                for slot, out in enumerate(outputs):
+                    if out.token_id is not None:
+                        ids[slot].append(out.token_id)
+                    last[slot] = out
+            for slot, index in enumerate(chunk):
+                out = last[slot]
+                results[index] = Completion(
+                    out.final_text, ids[slot], out.finish_reason, out.prompt_tokens
+                )
+            if on_batch is not None:
+                on_batch(min(start + batch_size, len(order)), len(order))
+        return results
+
+    def stream(
+        self,
+        requests: Sequence[SampleRequest],
+        model: nn.Module | None = None,
+        text: bool = True,
+    ) -> Iterator[list[StepOutput]]:
+        """Decode ``requests`` together; yield one :class:`StepOutput` per request per step
+        until every request has finished (a finished request's later outputs are empty and
+        finished).
+
+        ``model``: decode with this model (e.g. a soup merged into a copy of the base)
+        instead, ignoring the requests' weights. ``text``: decode each row's text at every
+        step (streaming); otherwise only rows with stop strings do, and the others are
+        decoded once when they finish.
+        """
+        if not requests:
+            return
+        model = model if model is not None else self.model
+        device = self.device
+        if self.tokenizer is None:
+            if any(r.params.stop for r in requests):
+                raise PsoupsError("stop strings need a sampler with a tokenizer")
+            text = False
+        rows = [
+            _Row(r, RowText(self.tokenizer, r.params.stop) if text or r.params.stop else None)
+            for r in requests
+        ]
+        input_ids, attention = left_padded([r.prompt_ids for r in requests], self.pad_token_id,
+                                           device)  # fmt: skip
+        steps = max(r.params.max_tokens for r in requests)
+        uniforms = torch.stack([row_uniforms(r.params.seed, steps) for r in requests]).to(device)
+        temperature = torch.tensor([r.params.temperature for r in requests], device=device)
+        top_k = torch.tensor([r.params.top_k for r in requests], device=device)
+        top_p = torch.tensor([r.params.top_p for r in requests], device=device)
+        mixing = self._mixing(requests, model)
+        live = torch.arange(len(rows), device=device)  # the rows the model computes
+        forward = _Forward(model)
+        with torch.no_grad(), mixing, _evaluating(model):
+            positions = position_ids_for(attention)
+            cache = preallocated_cache(model, input_ids.shape[1] + steps)
+            output, cache = forward(input_ids, attention, positions, cache, last_only=True)
+            compact = can_select_rows(cache)
+            for step in range(steps):
+                logits = output.logits[:, -1, :].float()  # (b, V)
+                tokens = sample_next(logits, temperature, top_k, top_p, uniforms[live, step])
+                outputs = [self._finished(row) for row in rows]
+                computed = live.tolist()
+                for position, token in enumerate(tokens.tolist()):
+                    row = rows[computed[position]]
+                    if row.done:
+                        tokens[position] = self.pad_token_id
+                    else:
+                        outputs[computed[position]] = self._advance(row, token)
+                yield outputs
+                if all(row.done for row in rows):
+                    return
+                attention = torch.cat([attention, attention.new_ones(len(computed), 1)], dim=1)
+                positions = positions[:, -1:] + 1
+                if compact:
+                    still = torch.tensor([not rows[i].done for i in computed], device=device)
+                    keep = drop_finished_rows(cache, still)
+                    if keep is not None:
+                        attention, positions, tokens = (
+                            attention[keep],
+                            positions[keep],
+                            tokens[keep],
+                        )
+                        temperature, top_k, top_p = temperature[keep], top_k[keep], top_p[keep]
+                        live = live[keep]
+                        if self.mixer is not None and model is self.model:
+                            self.mixer.select_rows(keep)
+                output, cache = forward(tokens.unsqueeze(1), attention, positions, cache)
+
+    # -- helpers ---------------------------------------------------------------------
+    def _mixing(self, requests: Sequence[SampleRequest], model: nn.Module):
+        """The mixer's per-row weights for the batch (none when no row has weights)."""
+        weighted = [r.weights for r in requests if r.weights is not None]
+        if not weighted or model is not self.model:
+            return contextlib.nullcontext()
+        if self.mixer is None:
+            raise PsoupsError("soup weights were given, but this model mixes no adapters")
+        width = len(self.mixer.adapter_names)
+        rows = [r.weights if r.weights is not None else (0.0,) * width for r in requests]
+        return self.mixer.weights(torch.tensor(rows, dtype=torch.float32, device=self.device))
+
+    def _advance(self, row: _Row, token: int) -> StepOutput:
+        params = row.request.params
+        row.ids.append(token)
+        if token in self.eos_ids:
+            row.finish_reason = "stop"
+        elif row.text is not None and row.text.add(token):
+            row.finish_reason = "stop"  # a stop string
+        elif len(row.ids) >= params.max_tokens:
+            row.finish_reason = "length"
+        if not row.done:
+            delta = row.text.delta() if row.text is not None else ""
+            return StepOutput(delta, False, None, len(row.request.prompt_ids), len(row.ids), token)
+        text_ids = row.ids[:-1] if token in self.eos_ids else row.ids
+        row.final, stopped = "", False
+        if self.tokenizer is not None:
+            row.final, stopped = final_text(self.tokenizer, text_ids, params.stop)
+        if stopped:
+            row.finish_reason = "stop"
+        delta = row.text.finish(row.final) if row.text is not None else ""
+        return StepOutput(delta, True, row.finish_reason, len(row.request.prompt_ids),
+                          len(row.ids), token, row.final)  # fmt: skip
+
+    @staticmethod
+    def _finished(row: _Row) -> StepOutput:
+        """What a row reports once it has finished (or before, as a placeholder)."""
+        return StepOutput("", row.done, row.finish_reason, len(row.request.prompt_ids),
+                          len(row.ids), None, row.final)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode (no dropout while sampling), its mode restored after."""
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
+
+
+def sample_texts(
+    sampler: Sampler,
+    prompts: Sequence[str],
+    spec: GenerationSpec,
+    seed: int,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> list[str]:
+    """One response per formatted prompt with ``spec``'s settings, prompt i sampled with
+    :func:`row_seed` ``(seed, i)``; ``on_batch(done, total)`` after each batch."""
+    requests = [
+        SampleRequest(ids, SamplingParams.from_spec(spec, row_seed(seed, index)))
+        for index, ids in enumerate(sampler.encode(prompts))
+    ]
+    return [c.text for c in sampler.complete(requests, spec.batch_size, on_batch)]
+
+
+class _Forward:
+    """``model``'s forward pass as the loop calls it, with the keywords it takes."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        parameters = inspect.signature(model.forward).parameters
+        self.cache_argument = cache_argument(model)
+        self.keeps_last = "logits_to_keep" in parameters
+
+    def __call__(self, input_ids, attention_mask, positions, cache, last_only: bool = False):
+        """(output, cache): a model that takes no ``Cache`` objects makes its own."""
+        output = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            use_cache=True,
+            **({self.cache_argument: cache} if cache is not None else {}),
+            **({"logits_to_keep": 1} if last_only and self.keeps_last else {}),
+        )
+        return output, returned_cache(output) if cache is None else cache
+
+
+# Logits processors ``generate`` would take from a model's generation config, with the value
+# at which each does nothing. The sampler applies none of them.
+_NEUTRAL_SETTINGS: dict[str, tuple[object, ...]] = {
+    "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "min_p": (None, 0.0),
+    "typical_p": (None, 1.0),
+    "epsilon_cutoff": (None, 0.0),
+    "eta_cutoff": (None, 0.0),
+    "bad_words_ids": (None, []),
+    "suppress_tokens": (None, []),
+    "begin_suppress_tokens": (None, []),
+    "sequence_bias": (None, {}),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+}
+
+
+def ignored_generation_settings(model: nn.Module) -> dict[str, object]:
+    """Settings of ``model``'s generation config that ``generate`` would apply and
+    :class:`Sampler` does not (e.g. a repetition penalty), by name."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return {}
+    ignored = {}
+    for name, neutral in _NEUTRAL_SETTINGS.items():
+        value = getattr(config, name, None)
+        if not any(value == candidate for candidate in neutral):
+            ignored[name] = value
+    return ignored
+
+
+_warned: set[str] = set()
+
+
+def warn_ignored_settings(model: nn.Module) -> None:
+    """Say once per process when ``model``'s generation config sets what the sampler does
+    not apply (a repetition penalty, say): users of ``generate`` would expect it."""
+    ignored = ignored_generation_settings(model)
+    if not ignored:
+        return
+    message = (
+        "the model's generation config sets "
+        + ", ".join(f"{name}={value!r}" for name, value in sorted(ignored.items()))
+        + "; psoups samples with temperature, top-k and top-p only (PPO's log-"
+        "probabilities assume that distribution), so these are not applied"
+    )
+    if message not in _warned:
+        _warned.add(message)
+        log(f"warning: {message}")
+
+
+def eos_token_ids(model: nn.Module, tokenizer) -> frozenset[int]:
+    """The tokens that end a response: the tokenizer's EOS and any the model's generation
+    config names (chat models often end a turn with a token of their own)."""
+    ids: set[int] = set()
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is not None:
+        ids.update(int(i) for i in ([configured] if isinstance(configured, int) else configured))
+    return frozenset(ids)
