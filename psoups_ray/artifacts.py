@@ -15,6 +15,7 @@ as it was given. Older runs recorded absolute locations, which still resolve.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -85,6 +86,14 @@ def load_feedback(rundir: RunDir, split: Split) -> list[PreferenceRow]:
                 "the feedback stage with --force"
             ) from None
     return rows
+
+
+def _location_exists(location: str) -> bool:
+    """Whether a recorded location is there (a hub id or a relative path: not checkable)."""
+    if "://" in location:
+        parent, _, name = location.rstrip("/").rpartition("/")
+        return RunDir(parent).exists(name)
+    return not os.path.isabs(location) or os.path.exists(location)
 
 
 def missing_stage(stage: str, location: str, what: str) -> PsoupsError:
@@ -285,6 +294,29 @@ class RunArtifacts:
             reward_max_length=reward_max_length,
             dtype=dtype,
         )
+
+    def check_loadable(self, models: ModelSet) -> None:
+        """Fail, naming every one, when an artifact ``models`` would load is gone (a hub id
+        is checked when it is downloaded): before a service starts, not in its replicas."""
+        locations = {
+            "base model": models.base.model,
+            "tokenizer": models.base.tokenizer,
+            **{f"policy {name}": location for name, location in models.policies.items()},
+            **{f"reward model {pole}": location for pole, location in models.rewards.items()},
+        }
+        missing = [
+            f"{what} {location}"
+            for what, location in locations.items()
+            if not _location_exists(location)
+        ]
+        if missing:
+            raise StorageError(
+                f"{self.location} cannot be loaded: its manifest records "
+                + "; ".join(missing)
+                + ", which storage no longer holds. Restore them, or re-run the stages that "
+                "produce them with --force (psoups run --stages STAGE --force --out "
+                f"{self.location})"
+            )
 
     @property
     def tuned_weights(self) -> dict[str, dict[str, float]]:

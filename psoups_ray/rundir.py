@@ -155,6 +155,7 @@ class RunDir:
                         handle.write(data)
                         handle.flush()
                         os.fsync(handle.fileno())
+                    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600: teammates read
                     os.replace(tmp, target)
                 finally:
                     if os.path.exists(tmp):
@@ -258,6 +259,19 @@ class RunDir:
             if info.type == pafs.FileType.File
         )
         return json.dumps(files)
+
+
+def current_umask() -> int:
+    """This process's umask (read without changing it where Linux tells it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it, and put it back
+    os.umask(mask)
+    return mask
 
 
 _OUT_OF_SPACE = {

@@ -37,7 +37,7 @@ def machine() -> str:
 
 
 def publish(run: str, out: Path, ran_on: str) -> Path:
-    from psoups_ray.manifest import Manifest
+    from psoups_ray.manifest import STAGE_ORDER, Manifest
     from psoups_ray.rundir import RunDir
 
     rundir = RunDir(run)
@@ -54,9 +54,9 @@ def publish(run: str, out: Path, ran_on: str) -> Path:
     (out / "summary.json").write_text(rundir.read_text("evaluation/summary.json"))
     stages = data.get("stages") or {}
     times = ", ".join(
-        f"{name} {record['seconds']:.0f} s"
-        for name, record in stages.items()
-        if "seconds" in record
+        f"{name} {stages[name]['seconds']:.0f} s"
+        for name in STAGE_ORDER
+        if "seconds" in stages.get(name, {})
     )
     total = sum(record.get("seconds", 0) for record in stages.values())
     report = rundir.read_text("report.md").splitlines()

@@ -10,6 +10,7 @@ import pytest
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.umask(0o022)  # the usual one, which tests of the run directories' modes assume
 
 
 @pytest.fixture(scope="session")

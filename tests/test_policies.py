@@ -113,6 +113,20 @@ def test_the_runs_executed_concurrently(policy_run):
     )
 
 
+def test_every_file_of_a_run_honours_the_umask(policy_run):
+    """Under umask 022 everything a run wrote (every stage, every Ray worker) is 0644 and
+    every directory 0755, so teammates on a shared file system can read the run."""
+    out, _ = policy_run
+    modes = {}
+    for path in [out, *out.rglob("*")]:
+        if path.is_symlink() or path.name.startswith(".lock-"):
+            continue  # a live scratch lock (none should be in a run directory anyway)
+        mode = path.stat().st_mode & 0o777
+        if mode != (0o755 if path.is_dir() else 0o644):
+            modes[str(path.relative_to(out))] = oct(mode)
+    assert len(list(out.rglob("*"))) > 50 and not modes, modes
+
+
 def test_policy_adapter_loads_with_plain_peft(policy_run):
     out, manifest = policy_run
     adapter = manifest.rundir.resolve(manifest.data["policies"]["P3A"]["path"])

@@ -19,7 +19,6 @@ from psoups_ray.policies.ppo_math import (
     masked_var,
     masked_whiten,
     policy_loss,
-    response_mask,
     token_rewards,
     value_loss,
 )
@@ -137,23 +136,6 @@ def test_whitening_uses_only_masked_positions():
     assert torch.allclose(whitened, torch.tensor([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-4)
     kept = masked_whiten(values, mask, shift_mean=False)
     assert torch.allclose(kept, torch.tensor([[1.0, 2.0, 3.0, 0.0]]), atol=1e-4)
-
-
-def test_response_mask_stops_after_the_first_eos():
-    eos = 2
-    responses = torch.tensor(
-        [
-            [5, 2, 0, 0],  # EOS then pad
-            [5, 2, 2, 2],  # pad token == EOS token
-            [5, 6, 7, 8],  # cut at max_new_tokens: no EOS
-            [2, 5, 2, 6],  # EOS first: only it counts
-        ]
-    )
-    expected = torch.tensor(
-        [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.float
-    )
-    assert torch.equal(response_mask(responses, eos), expected)
-    assert torch.equal(response_mask(responses, None), torch.ones(4, 4))
 
 
 def test_logprobs_and_entropy_from_logits():

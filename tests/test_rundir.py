@@ -254,3 +254,26 @@ def test_a_remote_runs_download_cache_follows_a_redone_artifact(tmp_path, monkey
     rundir.upload_dir(source, "policies/P1A")  # one of sizes would serve v1
     second = rundir.local_dir("policies/P1A")
     assert second != first and (second / "weights.txt").read_text() == "v2"
+
+
+def test_files_honour_the_umask(rundir, tmp_path):
+    """Atomic writes start from mkstemp's 0600; the run's files end as the umask says, so
+    teammates on a shared file system can read a run."""
+    previous = os.umask(0o022)
+    try:
+        rundir.write_json("a/b.json", {"x": 1})
+        source = tmp_path / "adapter"
+        (source / "inner").mkdir(parents=True)
+        (source / "inner" / "w.bin").write_bytes(b"1")
+        os.chmod(source, 0o700)  # as a scratch directory is
+        rundir.upload_dir(source, "policies/P1A")
+        os.umask(0o027)
+        rundir.write_text("c.txt", "group-readable")
+    finally:
+        os.umask(previous)
+    root = rundir.path()
+    assert oct(os.stat(f"{root}/a/b.json").st_mode & 0o777) == oct(0o644)
+    assert oct(os.stat(f"{root}/a").st_mode & 0o777) == oct(0o755)
+    assert oct(os.stat(f"{root}/policies/P1A/inner/w.bin").st_mode & 0o777) == oct(0o644)
+    assert oct(os.stat(f"{root}/policies/P1A/inner").st_mode & 0o777) == oct(0o755)
+    assert oct(os.stat(f"{root}/c.txt").st_mode & 0o777) == oct(0o640)

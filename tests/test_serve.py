@@ -764,3 +764,47 @@ def test_serve_deploy_of_the_shipped_config_to_a_ray_start_cluster_answers(serve
             cwd=REPO, env=_ray_cli_env(), capture_output=True, text=True, timeout=180,
         )  # fmt: skip
         assert stopped.returncode == 0, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+
+
+def test_a_moved_run_serves_and_reports_and_a_missing_artifact_is_one_clear_error(served, tmp_path):
+    """Locations are recorded relative to the run directory: a run copied elsewhere, the
+    copy it came from removed, serves and reports unchanged. An artifact gone from a run
+    stops `psoups serve` before Ray starts, with one message naming it."""
+    from ray import serve
+
+    from psoups_ray.__main__ import main
+    from psoups_ray.serve.app import bind_app
+
+    out, base_url = served
+    first, moved = tmp_path / "first", tmp_path / "elsewhere" / "run"
+    shutil.copytree(out, first)
+    shutil.copytree(first, moved)
+    shutil.rmtree(first)
+    assert main(["report", "--run", str(moved)]) == 0
+    assert (moved / "report.md").read_text().startswith("# P-Soups report")
+    app = bind_app(
+        {"run": str(moved), "max_tokens": 16},
+        {"SoupModel": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
+         "Ingress": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.05}}},
+    )  # fmt: skip
+    serve.run(app, name="psoups-moved", route_prefix="/moved")
+    try:
+        answer = _chat(f"{base_url}/moved", {"model": "psoups:P2A+P3B", "temperature": 0})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["psoups"] == {"weights": TUNED, "weights_from": "tuned"}
+    finally:
+        serve.delete("psoups-moved")
+
+    shutil.rmtree(moved / "policies" / "P3A")
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "psoups_ray", "serve", "--run", str(moved),
+         "--port", str(_free_port())],
+        cwd=REPO, env=_ray_cli_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert "cannot be loaded" in errors[0] and "policy P3A" in errors[0]
+    assert str(moved / "policies" / "P3A" / "adapter") in errors[0] and "--force" in errors[0]
+    assert "Traceback" not in result.stderr and time.monotonic() - started < 60

@@ -68,19 +68,6 @@ def masked_whiten(
     return whitened * mask
 
 
-def response_mask(response_ids: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
-    """1 on generated tokens up to and including the first EOS, 0 after it: (B, T).
-
-    Works when the pad token is the EOS token (``generate`` pads finished rows with it).
-    Rows without EOS (cut at ``max_new_tokens``) keep every position.
-    """
-    if eos_token_id is None:
-        return torch.ones_like(response_ids, dtype=torch.float)
-    is_eos = (response_ids == eos_token_id).int()
-    eos_before = torch.cumsum(is_eos, dim=1) - is_eos  # EOS tokens strictly before t
-    return (eos_before == 0).float()
-
-
 def kl_penalty(
     logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k1"
 ) -> torch.Tensor:

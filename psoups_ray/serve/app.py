@@ -96,6 +96,10 @@ class RequestError(Exception):
         return JSONResponse(error_body(self.message, self.param, self.kind), self.status)
 
 
+def _given(value, default):
+    return default if value is None else value
+
+
 def _next_or_none(iterator):
     return next(iterator, None)
 
@@ -369,15 +373,16 @@ class Ingress:
                 f"model's context of {self.max_context} tokens",
                 "max_tokens",
             )
+        defaults = self.catalog.sampling
         jobs = [
             GenerationJob(
                 prompt,
                 soup.weights,
                 SamplingParams(
                     max_tokens=max_tokens,
-                    temperature=body.temperature,
-                    top_k=max(body.top_k, 0),
-                    top_p=body.top_p,
+                    temperature=_given(body.temperature, defaults.temperature),
+                    top_k=max(_given(body.top_k, defaults.top_k), 0),
+                    top_p=_given(body.top_p, defaults.top_p),
                     seed=None if body.seed is None else body.seed + index,
                     stop=body.stops,
                 ),
@@ -495,7 +500,8 @@ def bind_app(args: dict[str, Any], deployment_options: dict[str, dict] | None = 
     if "://" not in run and Path(run).exists():
         run = str(Path(run).resolve())  # replicas may start in another directory
     settings = settings.model_copy(update={"run": run})
-    SoupCatalog(run)  # fail here, with the reason, rather than in every replica
+    catalog = SoupCatalog(run)  # fail here, with the reason, rather than in every replica
+    catalog.run.check_loadable(catalog.run.model_set(catalog.baselines, rewards=False))
     token = None
     if settings.auth_token_env:
         token = os.environ.get(settings.auth_token_env)

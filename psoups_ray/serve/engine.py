@@ -71,6 +71,9 @@ class SoupCatalog:
         """Every adapter the engine mixes, in the order of a soup's weight vector: the pole
         policies, then the baselines (served whole, as ``psoups:<name>``)."""
         self.tuned = self.run.tuned_weights
+        self.sampling = self.run.config.evaluate.generation
+        """A request's sampling settings left out: the run's evaluate.generation, the
+        distribution its soups were tuned and evaluated under."""
 
     def model_ids(self) -> list[str]:
         """``psoups:base``, every pole, every tuned combination."""
