@@ -240,6 +240,7 @@ def _command(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    connected = _ray_is_connected()  # a caller's Ray (a notebook, a test) stays up
     try:
         return _command(args)
     except PsoupsError as exc:
@@ -252,14 +253,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 130
     finally:
-        _shutdown_ray()
+        if not connected:
+            _shutdown_ray()
+
+
+def _ray_is_connected() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 def _shutdown_ray() -> None:
-    """Stop the local Ray cluster this process started (a no-op when connected elsewhere)."""
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+    """Disconnect from Ray, stopping the local cluster the command started (a no-op when
+    connected elsewhere)."""
+    if _ray_is_connected():
+        sys.modules["ray"].shutdown()
 
 
 if __name__ == "__main__":

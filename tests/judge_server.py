@@ -27,6 +27,7 @@ class JudgeServer:
         self.marker = marker
         self.rule = rule  # (criterion, first, second) -> reply; default: the marker rule
         self.requests: list[dict[str, Any]] = []
+        self.refuse_max_tokens = False  # answer max_tokens as OpenAI's reasoning models do
         self.script: list[tuple[int, str] | None] = []
         self.lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
@@ -67,6 +68,11 @@ class _Handler(BaseHTTPRequestHandler):
                 {"path": self.path, "auth": self.headers.get("Authorization"), "body": body}
             )
             planned = judge.script.pop(0) if judge.script else None
+        if planned is None and judge.refuse_max_tokens and "max_tokens" in body:
+            planned = (400, json.dumps({"error": {
+                "message": "Unsupported parameter: 'max_tokens' is not supported with this "
+                "model. Use 'max_completion_tokens' instead.", "type": "invalid_request_error",
+                "param": "max_tokens", "code": "unsupported_parameter"}}))  # fmt: skip
         if planned is None:
             reply = {"choices": [{"message": {"role": "assistant", "content": judge.answer(body)}}]}
             status, text = 200, json.dumps(reply)

@@ -112,6 +112,18 @@ def test_client_errors_fail_fast_with_status_and_body(server):
     assert len(server.requests) == 1
 
 
+def test_an_endpoint_that_wants_max_completion_tokens_gets_it(server):
+    """Reasoning models refuse max_tokens for max_completion_tokens: the judge asks again
+    with it, and sends it from then on."""
+    server.refuse_max_tokens = True
+    pairs, expected = pairs_with_answers(6)
+    judge = make_judge(server, max_retries=0, concurrency=1)  # one request at a time
+    assert judge.compare_batch("P3A", pairs) == expected
+    bodies = [request["body"] for request in server.requests]
+    assert "max_tokens" in bodies[0] and len(bodies) == 7  # one refused, then one per pair
+    assert all("max_tokens" not in b and b["max_completion_tokens"] == 16 for b in bodies[1:])
+
+
 def test_unparseable_answers_are_ties_and_counted(server):
     judge = make_judge(server)
     assert judge.compare("P3A", "Hi?", "UNSURE one", "another") == "tie"

@@ -13,6 +13,8 @@ import torch
 from peft import LoraConfig, TaskType
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -21,12 +23,17 @@ from transformers.generation.logits_process import (
 from psoups_ray.base.tokenizer import train_bpe_tokenizer
 from psoups_ray.policies.models import POLICY, SharedBasePPOModels
 from psoups_ray.runtime.cache import GrowingLayer, preallocated_cache
+from psoups_ray.runtime.logits import (
+    RowSettings,
+    TokenHistory,
+    apply_penalties,
+    sampling_probabilities,
+)
 from psoups_ray.runtime.sampling import (
     Sampler,
     SampleRequest,
     SamplingParams,
     ignored_generation_settings,
-    sampling_probabilities,
 )
 from psoups_ray.runtime.text import RowText, final_text
 
@@ -72,11 +79,13 @@ def requests(sampler, params: list[SamplingParams]) -> list[SampleRequest]:
 
 
 SETTINGS = [
-    {"temperature": 1.0, "top_k": 0, "top_p": 1.0},  # PPO rollouts: the full distribution
-    {"temperature": 1.0, "top_k": 50, "top_p": 1.0},
-    {"temperature": 0.6, "top_k": 10, "top_p": 0.8},
-    {"temperature": 1.5, "top_k": 0, "top_p": 0.5},
-    {"temperature": 0.7, "top_k": 1, "top_p": 0.3},
+    {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0},  # PPO: the whole distribution
+    {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": 0.0},
+    {"temperature": 0.6, "top_k": 10, "top_p": 0.8, "min_p": 0.0},
+    {"temperature": 1.5, "top_k": 0, "top_p": 0.5, "min_p": 0.0},
+    {"temperature": 0.7, "top_k": 1, "top_p": 0.3, "min_p": 0.0},
+    {"temperature": 1.2, "top_k": 0, "top_p": 1.0, "min_p": 0.05},
+    {"temperature": 0.9, "top_k": 30, "top_p": 0.9, "min_p": 0.1},
 ]
 
 
@@ -84,10 +93,7 @@ def test_per_row_probabilities_are_transformers_warpers_row_by_row():
     torch.manual_seed(0)
     logits = torch.randn(len(SETTINGS), 97) * 3
     got = sampling_probabilities(
-        logits,
-        torch.tensor([s["temperature"] for s in SETTINGS]),
-        torch.tensor([s["top_k"] for s in SETTINGS]),
-        torch.tensor([s["top_p"] for s in SETTINGS]),
+        logits, *(torch.tensor([s[k] for s in SETTINGS]) for k in SETTINGS[0])
     )
     for row, settings in enumerate(SETTINGS):
         scores = logits[row : row + 1]
@@ -96,7 +102,29 @@ def test_per_row_probabilities_are_transformers_warpers_row_by_row():
             scores = TopKLogitsWarper(settings["top_k"])(None, scores)
         if settings["top_p"] < 1:
             scores = TopPLogitsWarper(settings["top_p"])(None, scores)
+        if settings["min_p"]:
+            scores = MinPLogitsWarper(settings["min_p"])(None, scores)
         torch.testing.assert_close(got[row], scores.softmax(-1)[0])
+
+
+def test_penalties_are_transformers_repetition_and_openais_frequency_and_presence():
+    torch.manual_seed(1)
+    logits = torch.randn(3, 40) * 2
+    prompts = [[3, 4, 5], [7], []]
+    params = [SamplingParams(4, repetition_penalty=1.3), SamplingParams(4, frequency_penalty=0.5,
+              presence_penalty=0.25), SamplingParams(4)]  # fmt: skip
+    settings = RowSettings.of(params, torch.device("cpu"))
+    history = TokenHistory(prompts, 40, torch.device("cpu"))
+    history.add(torch.tensor([9, 7, 2]))
+    history.add(torch.tensor([9, 8, 2]))
+    got = apply_penalties(logits, settings, history)
+    seen = torch.tensor([[3, 4, 5, 9, 9]])
+    torch.testing.assert_close(got[0:1], RepetitionPenaltyLogitsProcessor(1.3)(seen, logits[0:1]))
+    expected = logits[1].clone()
+    expected[7] -= 0.5 + 0.25  # sampled once (being in the prompt does not count)
+    expected[8] -= 0.5 + 0.25
+    torch.testing.assert_close(got[1], expected)
+    torch.testing.assert_close(got[2], logits[2])
 
 
 def test_greedy_rows_are_transformers_greedy_tokens(tokenizer):
@@ -343,3 +371,52 @@ def test_generation_settings_the_loop_does_not_apply_are_named_once(tokenizer, c
     err = capsys.readouterr().err
     warnings = [line for line in err.splitlines() if "repetition_penalty=1.3" in line]
     assert len(warnings) == 1 and "not applied" in warnings[0]
+
+
+def test_logprobs_are_the_models_own_for_sampled_and_prompt_tokens(tokenizer):
+    """A step's reported log-probabilities are the log-softmax of the model's raw logits for
+    the sampled token and the most likely ones; a prompt's (echo) come from one forward pass
+    and agree with them."""
+    model = tiny_model(tokenizer)
+    sampler = Sampler(model, tokenizer)
+    (request,) = requests(sampler, [SamplingParams(6, temperature=0.8, seed=5, logprobs=3,
+                                                   repetition_penalty=1.5)])  # fmt: skip
+    steps = [outputs[0] for outputs in sampler.stream([request]) if outputs[0].token_id is not None]
+    ids = list(request.prompt_ids)
+    for out in steps:
+        with torch.no_grad():
+            expected = model(input_ids=torch.tensor([ids])).logits[0, -1].log_softmax(-1)
+        assert out.logprob == pytest.approx(float(expected[out.token_id]), abs=1e-5)
+        top = expected.topk(3)
+        assert [t for t, _ in out.top_logprobs] == top.indices.tolist()
+        assert [lp for _, lp in out.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-5)
+        ids.append(out.token_id)
+    whole = SampleRequest(tuple(ids), SamplingParams(1))
+    short = SampleRequest(request.prompt_ids, SamplingParams(1))
+    echoed, first = sampler.prompt_logprobs([whole, short], top=2)  # padded rows, one pass
+    assert len(echoed) == len(ids) and echoed[0] == (None, [])
+    for out, (logprob, alternatives) in zip(steps, echoed[len(request.prompt_ids) :],
+                                            strict=True):  # fmt: skip
+        assert logprob == pytest.approx(out.logprob, abs=1e-4)
+        assert [t for t, _ in alternatives] == [t for t, _ in out.top_logprobs[:2]]
+    # the short prompt, left-padded in the same pass, reads its tokens as the long one does
+    assert first[0] == (None, []) and len(first) == len(request.prompt_ids)
+    for (short_lp, _), (long_lp, _) in zip(first[1:], echoed[1 : len(first)], strict=True):
+        assert short_lp == pytest.approx(long_lp, abs=1e-4)
+
+
+def test_min_tokens_holds_eos_back_and_ignore_eos_decodes_to_max_tokens(tokenizer):
+    model = eos_prone(tiny_model(tokenizer), tokenizer.eos_token_id, 4.0)
+    sampler = Sampler(model, tokenizer)
+    free = sampler.complete(requests(sampler, [SamplingParams(30, seed=s) for s in range(8)]), 8)
+    assert min(len(c.token_ids) for c in free) < 5  # this model ends early
+    held = sampler.complete(
+        requests(sampler, [SamplingParams(30, seed=s, min_tokens=12) for s in range(8)]), 8
+    )
+    assert all(len(c.token_ids) >= 12 for c in held)
+    assert all(tokenizer.eos_token_id not in c.token_ids[:11] for c in held)
+    ignored = sampler.complete(
+        requests(sampler, [SamplingParams(20, seed=s, ignore_eos=True) for s in range(4)]), 4
+    )
+    assert all(len(c.token_ids) == 20 and c.finish_reason == "length" for c in ignored)
+    assert any(tokenizer.eos_token_id in c.token_ids for c in ignored)

@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from psoups_ray.artifacts import RunArtifacts
 from psoups_ray.rundir import RunDir
 
 pytestmark = pytest.mark.integration
@@ -210,6 +211,19 @@ BAD_REQUESTS = [
     ({"messages": [{"role": "user", "content": "salt " * 200}]}, "messages", "tokens"),
     ({"adapter_path": "/tmp/evil"}, "adapter_path", "unknown"),
     ({"logit_bias": {"1": 5}}, "logit_bias", "unknown"),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+        "messages.0.content",
+        "only text parts",
+    ),
+    ({"response_format": {"type": "json_object"}}, "response_format.type", "only 'text'"),
+    ({"top_logprobs": 2}, "top_logprobs", "logprobs: true"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "20"),
+    ({"max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+    ({"min_tokens": 9}, "min_tokens", "exceeds max_tokens"),
+    ({"frequency_penalty": 3}, "frequency_penalty", "2"),
+    ({"repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
+    ({"min_p": 1.5}, "min_p", "1"),
 ]
 
 
@@ -462,8 +476,10 @@ FIELD_VALUES = {
     "stream": st.booleans(),
 }
 FIELDS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature",
-          "top_p", "n", "stop", "seed", "stream", "stream_options", "user", "presence_penalty",
-          "frequency_penalty", "preferences", "weights"]  # fmt: skip
+          "top_p", "top_k", "n", "stop", "seed", "stream", "stream_options", "user",
+          "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens",
+          "ignore_eos", "logprobs", "top_logprobs", "echo", "response_format", "preferences",
+          "weights"]  # fmt: skip
 RAW_BODIES = [
     b"", b"null", b"[" * 5000, b'{"max_tokens": ' + b"9" * 5000 + b"}",
     b'\xef\xbb\xbf{"model": "psoups:P2A"}', '{"model": "psoups:P2A"}'.encode("utf-16"),
@@ -616,10 +632,19 @@ def test_psoups_serve_runs_in_the_foreground_and_stops_on_sigterm(served, tmp_pa
             time.sleep(1)
         assert models is not None and models.status_code == 200, process.poll()
         assert "psoups:P2A" in json.dumps(models.json())
+        for stream in (False, False, True):  # whole answers, then a stream
+            body = {"model": "psoups:P2A", "max_tokens": 6, "stream": stream,
+                    "messages": [{"role": "user", "content": QUESTION}]}  # fmt: skip
+            answer = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body,
+                                timeout=60)  # fmt: skip
+            assert answer.status_code == 200, answer.text
+        time.sleep(2)  # the replica's log lines reach this process
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=120)
         assert process.returncode == 0, output[-3000:]
         assert "stopping the Serve application" in output
+        # nothing that looks like an error when nothing failed
+        assert "never retrieved" not in output and "Traceback" not in output, output[-3000:]
     finally:
         if process.poll() is None:
             process.kill()
@@ -808,3 +833,173 @@ def test_a_moved_run_serves_and_reports_and_a_missing_artifact_is_one_clear_erro
     assert "cannot be loaded" in errors[0] and "policy P3A" in errors[0]
     assert str(moved / "policies" / "P3A" / "adapter") in errors[0] and "--force" in errors[0]
     assert "Traceback" not in result.stderr and time.monotonic() - started < 60
+
+
+def test_the_api_as_clients_send_it_content_parts_developer_role_logprobs(served):
+    """The official openai client: content as text parts and a developer message (OpenAI's
+    newer system role) give what the plain system and string forms give; logprobs are the
+    sampled tokens' with the asked top alternatives, streamed or not."""
+    _, base_url = served
+    client = _client(base_url)
+    common = dict(model="psoups:P2A+P3B", max_tokens=10, temperature=0)
+    parts = client.chat.completions.create(
+        messages=[{"role": "developer", "content": "Answer briefly."},
+                  {"role": "user", "content": [{"type": "text", "text": "What is"},
+                                               {"type": "text", "text": "salt?"}]}],
+        logprobs=True, top_logprobs=2, **common,
+    )  # fmt: skip
+    plain = client.chat.completions.create(
+        messages=[{"role": "system", "content": "Answer briefly."},
+                  {"role": "user", "content": "What is\nsalt?"}], **common,
+    )  # fmt: skip
+    text = parts.choices[0].message.content
+    assert text == plain.choices[0].message.content and text
+    content = parts.choices[0].logprobs.content
+    assert "".join(entry.token for entry in content) == text
+    for entry in content:
+        assert len(entry.top_logprobs) == 2 and entry.logprob <= 0
+        # greedy: the chosen token is the most likely one
+        assert entry.logprob == pytest.approx(max(t.logprob for t in entry.top_logprobs), abs=1e-5)
+        assert entry.bytes == list(entry.token.encode())
+    streamed = client.chat.completions.create(
+        messages=[{"role": "developer", "content": "Answer briefly."},
+                  {"role": "user", "content": "What is\nsalt?"}],
+        logprobs=True, top_logprobs=2, stream=True, **common,
+    )  # fmt: skip
+    chunks = [c for c in streamed if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+    pieces = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.token for e in pieces] == [e.token for e in content]
+    assert [e.logprob for e in pieces] == pytest.approx([e.logprob for e in content], abs=1e-5)
+
+
+def test_completions_echo_the_prompts_logprobs_for_evaluation_harnesses(served):
+    """/v1/completions with echo and logprobs (what lm-eval-harness's loglikelihood sends,
+    token ids or text): the prompt's log-probabilities under the soup, equal to the
+    engine's, then the sampled tokens'."""
+    import torch
+
+    from psoups_ray.serve.engine import GenerationJob, SamplingParams, SoupEngine
+
+    out, base_url = served
+    engine = SoupEngine(str(out), device="cpu")
+    soup = engine.catalog.resolve("psoups:P2A").weights
+    ids = list(engine.sampler.encode(["Salt is a mineral that we eat."])[0])
+    job = GenerationJob("", soup, SamplingParams(1), tuple(ids))
+    threads = torch.get_num_threads()
+    try:
+        expected = engine.sampler.prompt_logprobs([engine.request_of(job)], top=1)[0]
+    finally:
+        torch.set_num_threads(threads)
+    for prompt, max_tokens in ((ids, 0), ([ids], 1), (engine.tokenizer.decode(ids), 1)):
+        body = {"model": "psoups:P2A", "prompt": prompt, "max_tokens": max_tokens, "echo": True,
+                "logprobs": 1, "temperature": 0, "seed": 3}  # fmt: skip
+        answer = httpx.post(f"{base_url}/v1/completions", json=body, headers=HEADERS, timeout=60)
+        assert answer.status_code == 200, answer.text
+        choice = answer.json()["choices"][0]
+        logprobs = choice["logprobs"]
+        assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+        scored = logprobs["token_logprobs"][1 : len(ids)]
+        assert scored == pytest.approx([lp for lp, _ in expected[1:]], abs=1e-4)
+        assert len(logprobs["tokens"]) == len(ids) + max_tokens
+        assert choice["text"].startswith(engine.tokenizer.decode(ids))
+        assert logprobs["text_offset"] == sorted(logprobs["text_offset"])
+    refused = httpx.post(
+        f"{base_url}/v1/completions", headers=HEADERS, timeout=60,
+        json={"model": "psoups:P2A", "prompt": ids, "max_tokens": 0},
+    )  # fmt: skip
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
+    assert "echo" in refused.json()["error"]["message"]
+
+
+def test_vllm_sampling_fields_health_and_version(served):
+    _, base_url = served
+    long = _chat(base_url, {"max_tokens": 12, "ignore_eos": True, "min_p": 0.05,
+                            "repetition_penalty": 1.2, "frequency_penalty": 0.5,
+                            "presence_penalty": 0.5, "top_k": 20, "user": "alice"})  # fmt: skip
+    assert long.status_code == 200, long.text
+    assert long.json()["usage"]["completion_tokens"] == 12
+    assert long.json()["choices"][0]["finish_reason"] == "length"
+    held = _chat(base_url, {"max_tokens": 12, "min_tokens": 12, "seed": 4})
+    assert held.json()["usage"]["completion_tokens"] == 12
+    text_format = _chat(base_url, {"response_format": {"type": "text"}, "top_k": -1})
+    assert text_format.status_code == 200, text_format.text
+    assert httpx.get(f"{base_url}/health", timeout=30).json()["status"] == "ok"
+    from psoups_ray import __version__
+
+    assert httpx.get(f"{base_url}/version", timeout=30).json()["version"] == __version__
+
+
+def test_request_token_latency_and_batch_metrics_are_exported_to_prometheus(served, ray_cluster):
+    """Ray Serve's metrics, on the node's Prometheus endpoint."""
+    import ray
+
+    _, base_url = served
+    assert _chat(base_url, {"max_tokens": 3}).status_code == 200
+    port = ray.nodes()[0]["MetricsExportPort"]
+    wanted = ["ray_psoups_requests", "ray_psoups_request_latency_s_bucket",
+              "ray_psoups_completion_tokens", "ray_psoups_decode_batch_rows_bucket"]  # fmt: skip
+    deadline, text = time.monotonic() + 90, ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if all(name in text for name in wanted):
+            break
+        time.sleep(3)
+    missing = [name for name in wanted if name not in text]
+    assert not missing, missing
+    line = next(ln for ln in text.splitlines()
+                if ln.startswith("ray_psoups_requests") and 'status="200"' in ln)  # fmt: skip
+    assert float(line.rsplit(" ", 1)[1]) >= 1
+
+
+LM_EVAL_TASK = """\
+task: psoups_local_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+def test_lm_eval_harness_runs_a_loglikelihood_task_against_psoups_serve(served, tmp_path):
+    """lm-eval-harness's `local-completions` model, a multiple-choice task from a local data
+    file (nothing from a hub): its loglikelihood requests (token ids, echo, logprobs) are
+    answered, and it scores every question."""
+    out, base_url = served
+    questions = [
+        {"question": "What is salt?", "choices": [" a mineral", " a planet"], "answer": 0},
+        {"question": "Why is the sky blue?", "choices": [" light scatters", " paint"],
+         "answer": 0},
+        {"question": "When does water boil?", "choices": [" at 100 degrees", " never"],
+         "answer": 0},
+    ]  # fmt: skip
+    data = tmp_path / "questions.jsonl"
+    data.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "psoups_local_mc.yaml").write_text(LM_EVAL_TASK.format(data=data))
+    tokenizer = RunArtifacts.load(out).base.local_tokenizer()
+    model_args = ",".join([
+        "model=psoups:P2A+P3B", f"base_url={base_url}/v1/completions",
+        "tokenizer_backend=huggingface", f"tokenizer={tokenizer}", "num_concurrent=1",
+        "max_retries=1",
+    ])  # fmt: skip
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("lm_eval")), "--model", "local-completions",
+         "--model_args", model_args, "--tasks", "psoups_local_mc", "--include_path",
+         str(tasks), "--output_path", str(tmp_path / "results")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**_ray_cli_env(), "OPENAI_API_KEY": TOKEN, "HF_HUB_OFFLINE": "1",
+             "HF_DATASETS_OFFLINE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (results_file,) = (tmp_path / "results").rglob("results_*.json")
+    scores = json.loads(results_file.read_text())["results"]["psoups_local_mc"]
+    assert 0.0 <= scores["acc,none"] <= 1.0

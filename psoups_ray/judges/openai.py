@@ -43,6 +43,7 @@ USER_TEMPLATE = (
     'Which response better satisfies the criterion? Answer exactly "1", "2" or "tie".'
 )
 UNPARSEABLE = "unparseable"
+ANSWER_TOKENS = 16  # "1", "2" or "tie", with room for a chattier answer
 JUDGE_CACHE_PATH = "feedback/judge_cache.jsonl"  # the feedback stage's; evaluate has its own
 _ANSWER = re.compile(r"^(?:response\s*)?(1|2)$|^(tie)$")
 _EXCERPT_CHARS = 300
@@ -170,6 +171,7 @@ class OpenAIJudge:
             timeout=spec.timeout_s, headers={"Authorization": f"Bearer {api_key}"}
         )
         self._lock = threading.Lock()
+        self._length_field = "max_tokens"  # or max_completion_tokens, once asked for it
         self._jitter = random.Random(seed)
         self.stats = {
             "judged": 0,
@@ -272,12 +274,16 @@ class OpenAIJudge:
             self.stats[name] += 1
 
     def _request(self, messages: list[dict[str, str]]) -> str:
-        """The reply's text; retries transient failures, fails fast on other 4xx."""
+        """The reply's text; retries transient failures, fails fast on other 4xx.
+
+        The answer's length is capped with ``max_tokens``; an endpoint that refuses it for
+        ``max_completion_tokens`` (OpenAI's reasoning models) is asked again with that,
+        and every later request sends what it accepted."""
         payload = {
             "model": self.spec.model,
             "messages": messages,
             "temperature": 0,
-            "max_tokens": 16,
+            self._length_field: ANSWER_TOKENS,
         }
         problem = ""
         for attempt in range(self.spec.max_retries + 1):
@@ -287,6 +293,12 @@ class OpenAIJudge:
             retry_after = 0.0
             try:
                 response = self._client.post(self.url, json=payload)
+                if response.status_code == 400 and _wants_completion_tokens(response, payload):
+                    with self._lock:
+                        self._length_field = "max_completion_tokens"
+                    payload["max_completion_tokens"] = payload.pop("max_tokens")
+                    self._count("requests")
+                    response = self._client.post(self.url, json=payload)
             except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
                 raise PsoupsError(
                     f"feedback.openai.base_url {self.spec.base_url!r} is not a usable URL "
@@ -323,6 +335,11 @@ class OpenAIJudge:
 
     def _redact(self, text: str) -> str:
         return text.replace(self._api_key, "***") if self._api_key else text
+
+
+def _wants_completion_tokens(response: httpx.Response, payload: dict) -> bool:
+    """Whether a 400 says to send ``max_completion_tokens`` instead of ``max_tokens``."""
+    return "max_tokens" in payload and "max_completion_tokens" in response.text
 
 
 def _messages(criterion: str, prompt: str, first: str, second: str) -> list[dict[str, str]]:

@@ -40,8 +40,17 @@ from psoups_ray.runtime.cache import (
     preallocated_cache,
     returned_cache,
 )
+from psoups_ray.runtime.logits import (
+    RowSettings,
+    TokenHistory,
+    apply_penalties,
+    sample_next,
+    token_logprobs,
+)
 from psoups_ray.runtime.text import RowText, final_text
 from psoups_ray.seeding import derive_seed
+
+MAX_LOGPROBS = 20  # the most top log-probabilities a token reports (OpenAI's limit)
 
 
 @dataclass(frozen=True)
@@ -59,17 +68,42 @@ class SamplingParams:
     """Seeds the row's own generator; None: a random seed."""
     stop: tuple[str, ...] = ()
     """The text ends before the first of these (not included)."""
+    min_p: float = 0.0
+    """Drop tokens less likely than min_p times the most likely one; 0: no cut."""
+    repetition_penalty: float = 1.0
+    """Divide (multiply, when negative) the logits of tokens already in the prompt or the
+    output by this; 1: none."""
+    frequency_penalty: float = 0.0
+    """Subtract this times a token's count in the output from its logit."""
+    presence_penalty: float = 0.0
+    """Subtract this from the logit of every token the output holds."""
+    min_tokens: int = 0
+    """EOS cannot end the response before this many tokens."""
+    ignore_eos: bool = False
+    """Decode to max_tokens (or a stop string) whatever EOS the model samples."""
+    logprobs: int | None = None
+    """Report each sampled token's log-probability and this many most likely tokens'
+    (0: the sampled token's only); None: none."""
 
     def __post_init__(self):
-        problems = []
-        if self.max_tokens < 1:
-            problems.append(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if not self.temperature >= 0:
-            problems.append(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            problems.append(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        checks = [
+            (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
+            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            (self.repetition_penalty > 0,
+             f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (-2 <= self.frequency_penalty <= 2,
+             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            (-2 <= self.presence_penalty <= 2,
+             f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (0 <= self.min_tokens <= self.max_tokens,
+             f"min_tokens must be in [0, max_tokens], got {self.min_tokens}"),
+            (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+             f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}"),
+        ]  # fmt: skip
+        problems = [message for ok, message in checks if not ok]
         if problems:
             raise PsoupsError("; ".join(problems))
 
@@ -106,6 +140,8 @@ class StepOutput:
     completion_tokens: int = 0
     token_id: int | None = None  # the token sampled at this step (None once finished)
     final_text: str | None = None  # the whole text, once finished
+    logprob: float | None = None  # the sampled token's log-probability (params.logprobs)
+    top_logprobs: list[tuple[int, float]] | None = None  # the most likely (token, logprob)
 
 
 @dataclass
@@ -116,54 +152,6 @@ class Completion:
     token_ids: list[int]  # every sampled token, the EOS that ended it included
     finish_reason: str
     prompt_tokens: int
-
-
-def sampling_probabilities(
-    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
-) -> torch.Tensor:
-    """Next-token distributions after temperature, then top-k, then top-p, as transformers'
-    warpers compute them, with per-row settings: (B, V) float logits, (B,) settings ->
-    (B, V). ``top_k`` 0 and ``top_p`` 1 leave the distribution whole; a row with
-    temperature 0 gets the temperature-1 distribution (it decodes greedily anyway)."""
-    vocab = logits.shape[-1]
-    scores = logits / torch.where(temperature > 0, temperature, 1.0).unsqueeze(1)
-    cut = (top_k > 0) & (top_k < vocab)
-    if bool(cut.any()):
-        k = torch.where(cut, top_k, 1)
-        top = torch.topk(scores, int(k.max()), dim=-1).values  # (B, k_max), descending
-        kth = top.gather(1, (k - 1).unsqueeze(1))  # (B, 1)
-        kth = torch.where(cut.unsqueeze(1), kth, -float("inf"))
-        scores = scores.masked_fill(scores < kth, -float("inf"))
-    if bool((top_p < 1).any()):
-        ascending, order = torch.sort(scores, descending=False)
-        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative <= (1 - top_p).unsqueeze(1)
-        drop[:, -1:] = False  # the most likely token always stays
-        scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
-    return scores.softmax(dim=-1)
-
-
-def sample_next(
-    logits: torch.Tensor,
-    temperature: torch.Tensor,
-    top_k: torch.Tensor,
-    top_p: torch.Tensor,
-    uniforms: torch.Tensor,
-) -> torch.Tensor:
-    """One token per row: (B, V) float logits, per-row settings and a uniform number in
-    [0, 1) per row -> (B,). The token is the inverse of the row's cumulative distribution
-    at its uniform number; temperature 0 (and a row whose logits overflowed, which must not
-    fail its batch) takes the most likely token."""
-    greedy = logits.argmax(dim=-1)
-    probs = sampling_probabilities(logits, temperature, top_k, top_p)
-    cdf = probs.cumsum(dim=-1)  # (B, V), non-decreasing
-    target = (uniforms.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)  # (B, 1)
-    drawn = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
-    # right=True never lands on a token of probability 0 but at the very top of the range,
-    # where rounding can leave the target at the total: take the most likely token there.
-    drawn = torch.where(probs.gather(1, drawn.unsqueeze(1)).squeeze(1) > 0, drawn, greedy)
-    sampleable = (temperature > 0) & torch.isfinite(probs).all(dim=-1)
-    return torch.where(sampleable, drawn, greedy)
 
 
 def row_seed(seed: int, index: int) -> int:
@@ -289,9 +277,11 @@ class Sampler:
                                            device)  # fmt: skip
         steps = max(r.params.max_tokens for r in requests)
         uniforms = torch.stack([row_uniforms(r.params.seed, steps) for r in requests]).to(device)
-        temperature = torch.tensor([r.params.temperature for r in requests], device=device)
-        top_k = torch.tensor([r.params.top_k for r in requests], device=device)
-        top_p = torch.tensor([r.params.top_p for r in requests], device=device)
+        settings = RowSettings.of([r.params for r in requests], device)
+        history = None  # the tokens each row has seen, only for rows with penalties
+        top = max((r.params.logprobs or 0 for r in requests), default=0)
+        with_logprobs = any(r.params.logprobs is not None for r in requests)
+        eos = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=device)
         mixing = self._mixing(requests, model)
         live = torch.arange(len(rows), device=device)  # the rows the model computes
         forward = _Forward(model)
@@ -301,16 +291,40 @@ class Sampler:
             output, cache = forward(input_ids, attention, positions, cache, last_only=True)
             compact = can_select_rows(cache)
             for step in range(steps):
-                logits = output.logits[:, -1, :].float()  # (b, V)
-                tokens = sample_next(logits, temperature, top_k, top_p, uniforms[live, step])
-                outputs = [self._finished(row) for row in rows]
+                raw = output.logits[:, -1, :].float()  # (b, V)
                 computed = live.tolist()
+                logits = raw
+                if settings.penalized:
+                    if history is None:
+                        history = TokenHistory([requests[i].prompt_ids for i in computed],
+                                               raw.shape[-1], device)  # fmt: skip
+                    logits = apply_penalties(logits, settings, history)
+                early = [len(rows[i].ids) < rows[i].request.params.min_tokens for i in computed]
+                if any(early) and len(eos):  # EOS cannot end these rows yet
+                    blocked = torch.tensor(early, device=device).unsqueeze(1)
+                    logits = logits.index_put(
+                        (torch.arange(len(computed), device=device)[:, None], eos[None, :]),
+                        torch.where(blocked, -float("inf"), logits[:, eos]),
+                    )
+                tokens = sample_next(logits, settings, uniforms[live, step])
+                if history is not None:
+                    history.add(tokens)
+                scored = token_logprobs(raw, tokens, top) if with_logprobs else None
+                outputs = [self._finished(row) for row in rows]
                 for position, token in enumerate(tokens.tolist()):
                     row = rows[computed[position]]
                     if row.done:
                         tokens[position] = self.pad_token_id
-                    else:
-                        outputs[computed[position]] = self._advance(row, token)
+                        continue
+                    out = self._advance(row, token)
+                    if scored is not None and row.request.params.logprobs is not None:
+                        out.logprob = float(scored[0][position])
+                        wanted = row.request.params.logprobs
+                        out.top_logprobs = list(
+                            zip(scored[2][position, :wanted].tolist(),
+                                scored[1][position, :wanted].tolist(), strict=True)
+                        )  # fmt: skip
+                    outputs[computed[position]] = out
                 yield outputs
                 if all(row.done for row in rows):
                     return
@@ -325,11 +339,52 @@ class Sampler:
                             positions[keep],
                             tokens[keep],
                         )
-                        temperature, top_k, top_p = temperature[keep], top_k[keep], top_p[keep]
-                        live = live[keep]
+                        settings, live = settings.select(keep), live[keep]
+                        if history is not None:
+                            history.select(keep)
                         if self.mixer is not None and model is self.model:
                             self.mixer.select_rows(keep)
                 output, cache = forward(tokens.unsqueeze(1), attention, positions, cache)
+
+    @torch.no_grad()
+    def prompt_logprobs(
+        self, requests: Sequence[SampleRequest], top: int = 0, model: nn.Module | None = None
+    ) -> list[list[tuple[float | None, list[tuple[int, float]]]]]:
+        """The model's log-probability of every prompt token given the tokens before it,
+        with the ``top`` most likely tokens at each position: per request, one
+        ``(logprob, [(token, logprob), ...])`` per prompt token (the first has no context:
+        ``None`` and no alternatives). One forward pass, with each row's soup weights (or
+        with ``model`` instead, as :meth:`stream`)."""
+        model = model if model is not None else self.model
+        input_ids, attention = left_padded([r.prompt_ids for r in requests], self.pad_token_id,
+                                           self.device)  # fmt: skip
+        with self._mixing(requests, model), _evaluating(model):
+            logits = model(
+                input_ids=input_ids,
+                attention_mask=attention,
+                position_ids=position_ids_for(attention),
+                use_cache=False,
+            ).logits.float()  # fmt: skip  (B, L, V)
+        logprobs = logits[:, :-1].log_softmax(dim=-1)  # position i predicts token i + 1
+        chosen = logprobs.gather(2, input_ids[:, 1:].unsqueeze(2)).squeeze(2)  # (B, L - 1)
+        values, ids = logprobs.topk(top, dim=-1) if top else (None, None)
+        results = []
+        for row, request in enumerate(requests):
+            start = input_ids.shape[1] - len(request.prompt_ids)  # the row's first real token
+            tokens: list[tuple[float | None, list[tuple[int, float]]]] = [(None, [])]
+            for position in range(start, input_ids.shape[1] - 1):
+                alternatives = (
+                    list(
+                        zip(
+                            ids[row, position].tolist(), values[row, position].tolist(), strict=True
+                        )
+                    )  # fmt: skip
+                    if top
+                    else []
+                )
+                tokens.append((float(chosen[row, position]), alternatives))
+            results.append(tokens if request.prompt_ids else [])
+        return results
 
     # -- helpers ---------------------------------------------------------------------
     def _mixing(self, requests: Sequence[SampleRequest], model: nn.Module):
@@ -346,7 +401,8 @@ class Sampler:
     def _advance(self, row: _Row, token: int) -> StepOutput:
         params = row.request.params
         row.ids.append(token)
-        if token in self.eos_ids:
+        ended = token in self.eos_ids and not params.ignore_eos
+        if ended:
             row.finish_reason = "stop"
         elif row.text is not None and row.text.add(token):
             row.finish_reason = "stop"  # a stop string
@@ -355,7 +411,7 @@ class Sampler:
         if not row.done:
             delta = row.text.delta() if row.text is not None else ""
             return StepOutput(delta, False, None, len(row.request.prompt_ids), len(row.ids), token)
-        text_ids = row.ids[:-1] if token in self.eos_ids else row.ids
+        text_ids = row.ids[:-1] if ended else row.ids
         row.final, stopped = "", False
         if self.tokenizer is not None:
             row.final, stopped = final_text(self.tokenizer, text_ids, params.stop)

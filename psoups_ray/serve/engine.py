@@ -13,7 +13,7 @@ import copy
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -26,6 +26,14 @@ BASE_MODEL = "base"
 MODEL_PREFIX = "psoups:"
 
 
+class TokenStep(NamedTuple):
+    """One token of a response (or of an echoed prompt) with its log-probabilities."""
+
+    token_id: int
+    logprob: float | None  # None: the first prompt token, which has no context
+    top: list[tuple[int, float]]  # the most likely (token, logprob) at that position
+
+
 @dataclass(frozen=True)
 class GenerationJob:
     """One row to decode: the formatted prompt, the soup weights over the engine's poles."""
@@ -33,6 +41,7 @@ class GenerationJob:
     prompt: str
     weights: tuple[float, ...]
     params: SamplingParams
+    prompt_ids: tuple[int, ...] | None = None  # the prompt sent as token ids
 
 
 def soup_key(weights: Sequence[float]) -> str:
@@ -207,12 +216,14 @@ class SoupEngine:
         """
         if model is None and self.mixer is None and any(any(job.weights) for job in jobs):
             raise PsoupsError("a merged-strategy engine needs the merged model for a soup")
-        prompts = self.sampler.encode([job.prompt for job in jobs])
-        requests = [
-            SampleRequest(ids, job.params, job.weights if self.mixer is not None else None)
-            for ids, job in zip(prompts, jobs, strict=True)
-        ]
-        yield from self.sampler.stream(requests, model)
+        yield from self.sampler.stream([self.request_of(job) for job in jobs], model)
+
+    def request_of(self, job: GenerationJob) -> SampleRequest:
+        """The sampler's request for ``job``: its prompt's tokens, settings and weights."""
+        (ids,) = (
+            [job.prompt_ids] if job.prompt_ids is not None else self.sampler.encode([job.prompt])
+        )
+        return SampleRequest(ids, job.params, job.weights if self.mixer is not None else None)
 
     def generate(self, jobs: Sequence[GenerationJob]) -> list[dict[str, Any]]:
         """Decode to the end; per job: text, finish_reason, token counts."""

@@ -1,8 +1,11 @@
 """The OpenAI-compatible request bodies we accept, and OpenAI-style error bodies.
 
-Unknown fields are refused with their name (a typo must not silently change
-nothing); OpenAI parameters we do not implement are refused unless left at their
-neutral value.
+The fields clients send: OpenAI's (content parts, the ``developer`` role, logprobs,
+penalties, ``max_completion_tokens``, ``response_format`` of type text, ``user``) and
+vLLM's common sampling fields (``top_k``, ``min_p``, ``repetition_penalty``,
+``ignore_eos``, ``min_tokens``; ``echo`` on completions). Unknown fields are refused with
+their name (a typo must not silently change nothing), and so is what we do not implement
+(a non-text content part, a JSON response format), with what is supported.
 """
 
 from __future__ import annotations
@@ -12,12 +15,66 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    text: str
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, value):
+        if value != "text":
+            raise ValueError(f"content parts of type {value!r} are not supported; only 'text'")
+        return value
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _parts(cls, value):
+        """A part of another type is named, with its index, before pydantic tries the
+        union's other branch (its message would say 'a valid string')."""
+        if isinstance(value, list):
+            for index, part in enumerate(value):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                if kind != "text" or not isinstance(part.get("text"), str):
+                    raise ValueError(
+                        f"part {index} is {kind!r}: only text parts are supported "
+                        '({"type": "text", "text": "..."})'
+                    )
+        return value
+
+    @property
+    def text(self) -> str:
+        """The content, text parts joined by newlines."""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)
+
+    @property
+    def template_role(self) -> str:
+        """The role in the chat template: ``developer`` is OpenAI's newer ``system``."""
+        return "system" if self.role == "developer" else self.role
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, value):
+        if value != "text":
+            raise ValueError(f"response_format type {value!r} is not supported; only 'text'")
+        return value
 
 
 class _Common(BaseModel):
@@ -35,9 +92,15 @@ class _Common(BaseModel):
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)  # torch takes int64 seeds
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    user: str | None = None
-    presence_penalty: float | None = Field(default=None, ge=0, le=0)
-    frequency_penalty: float | None = Field(default=None, ge=0, le=0)
+    user: str | None = Field(default=None, max_length=256)
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    response_format: ResponseFormat | None = None
+    # vLLM's sampling fields
+    min_p: float = Field(default=0.0, ge=0, le=1)
+    repetition_penalty: float = Field(default=1.0, gt=0, le=10)
+    ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0)
     # P-Soups extensions: pick the soup by poles or by explicit weights.
     preferences: list[str] | None = None
     weights: dict[str, float] | None = None
@@ -60,26 +123,60 @@ class _Common(BaseModel):
 
     @property
     def requested_tokens(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens
 
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @property
+    def logprob_count(self) -> int | None:
+        """How many top log-probabilities each token reports (None: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
+    """One prompt: text or token ids (evaluation harnesses send ids), alone or in a list."""
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool = False
+    max_tokens: int | None = Field(default=None, ge=0)  # 0 with echo: score the prompt only
 
-    @field_validator("prompt")
+    @property
+    def logprob_count(self) -> int | None:
+        return self.logprobs
+
+    @field_validator("prompt", mode="before")
     @classmethod
     def _one_prompt(cls, value):
+        one = "prompt must be one prompt: a string or a list of token ids (or a list holding one)"
+        if isinstance(value, list) and value and all(isinstance(t, int) for t in value):
+            if any(isinstance(t, bool) or t < 0 for t in value):
+                raise ValueError("prompt token ids must be integers >= 0")
+            return value
         if isinstance(value, list) and len(value) != 1:
-            raise ValueError("prompt must be one string (or a list holding one)")
+            raise ValueError(one)
         return value
 
     @property
+    def prompt_ids(self) -> tuple[int, ...] | None:
+        """The prompt's token ids when it was sent as ids, else None."""
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
+            prompt = prompt[0]  # a list holding one list of ids
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            return tuple(prompt)
+        return None
+
+    @property
     def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+        if isinstance(self.prompt, str):
+            return self.prompt
+        return self.prompt[0] if isinstance(self.prompt[0], str) else ""
 
 
 def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error",
