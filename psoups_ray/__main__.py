@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
 
@@ -46,6 +47,12 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--force", action="store_true", help="redo the requested stages even when complete"
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="raw output of every process (Ray workers included) instead of the live progress "
+        "display; without it that output goes to RUN/logs/",
     )
 
 
@@ -162,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _command(args: argparse.Namespace) -> int:
+def _command(args: argparse.Namespace, shutdown_ray: bool) -> int:
     from psoups_ray.config import SMOKE_TEST_OVERRIDES, explain, load_config
 
     if args.command == "merge":
@@ -222,10 +229,19 @@ def _command(args: argparse.Namespace) -> int:
 
     out = args.out or f"{DEFAULT_OUT_ROOT}/{config.name}"
     if args.command == "run":
-        manifest = run_pipeline(config, out, parse_stages(args.stages), force=args.force)
+        stages, prerequisites = parse_stages(args.stages), True
     else:
+        stages, prerequisites = [args.command], False
+    with contextlib.ExitStack() as console:
+        if not args.verbose:
+            from psoups_ray.console import RunConsole
+            from psoups_ray.rundir import RunDir
+
+            console.enter_context(RunConsole(RunDir(out)))
+        if shutdown_ray:  # under the console: what Ray prints as it stops goes to the log
+            console.callback(_shutdown_ray)
         manifest = run_pipeline(
-            config, out, [args.command], force=args.force, run_prerequisites=False
+            config, out, stages, force=args.force, run_prerequisites=prerequisites
         )
     complete = [name for name in manifest.data["stages"] if manifest.is_complete(name)]
     log(f"complete stages: {', '.join(complete) or 'none'}")
@@ -242,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     connected = _ray_is_connected()  # a caller's Ray (a notebook, a test) stays up
     try:
-        return _command(args)
+        return _command(args, shutdown_ray=not connected)
     except PsoupsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

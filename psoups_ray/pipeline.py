@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from psoups_ray import progress
 from psoups_ray.config import PsoupsConfig
 from psoups_ray.errors import ConfigError, PsoupsError
 from psoups_ray.manifest import STAGE_ORDER, Manifest, diff_keys
@@ -325,11 +326,14 @@ def run_pipeline(
         log(f"{prefix}: {stage.summary}")
         manifest.start_stage(name, fingerprint, inputs)
         started = time.monotonic()
+        progress.start(name, stage.summary)
         try:
             section = stage.run(config, rundir)
         except BaseException as exc:
             manifest.fail_stage(name, "".join(traceback.format_exception_only(exc)).strip())
             raise
+        finally:
+            progress.finish(name)
         seconds = time.monotonic() - started
         extra = {key: section[key] for key in stage.extra_sections}
         if stage.extra_sections:

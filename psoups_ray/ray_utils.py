@@ -13,7 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from psoups_ray import console, progress
 from psoups_ray.config import RayConfig, ScalingSpec
+from psoups_ray.console import RunLog
 from psoups_ray.errors import PsoupsError
 from psoups_ray.progress import log
 from psoups_ray.rundir import RunDir
@@ -24,19 +26,31 @@ LOCAL_CLUSTER_ENV = "PSOUPS_LOCAL_CLUSTER"  # set in the processes of a cluster 
 
 
 def ensure_ray(config: RayConfig) -> None:
-    """Connect to ``config.address`` / ``RAY_ADDRESS``, or start a local cluster (127.0.0.1)."""
+    """Connect to ``config.address`` / ``RAY_ADDRESS``, or start a local cluster (127.0.0.1).
+
+    Under a console (``psoups run``) Ray does not forward workers' output to this process:
+    the workers that matter write it to the run's logs (:mod:`psoups_ray.console`).
+    """
     import ray
 
     # Ray Train's print() patch drops print's ``file=`` argument, so libraries that print
     # into buffers (datasets' fingerprinting runs dis.dis) flood the logs. Workers inherit it.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    if ray.is_initialized():
-        return
+    run_console = console.active()
+    if not ray.is_initialized():
+        _init_ray(config, log_to_driver=run_console is None)
+    if run_console is not None:
+        run_console.attach_ray()
+
+
+def _init_ray(config: RayConfig, log_to_driver: bool) -> None:
+    import ray
+
     address = config.address or os.environ.get("RAY_ADDRESS")
     if address:
         os.environ.pop(LOCAL_CLUSTER_ENV, None)  # runs fit from here too (fit_torch_run)
         log(f"connecting to Ray cluster at {address}")
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=log_to_driver)
         return
     log("starting a local Ray cluster")
     # Ray Train's preemption watcher (one more actor process per run) polls for nodes being
@@ -48,7 +62,7 @@ def ensure_ray(config: RayConfig) -> None:
         num_gpus=config.num_gpus,
         include_dashboard=config.include_dashboard,
         dashboard_host=config.dashboard_host,
-        log_to_driver=True,
+        log_to_driver=log_to_driver,
     )
 
 
@@ -63,22 +77,32 @@ def scaling_config(spec: ScalingSpec):
     )
 
 
-def _serialize_loop(train_loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any]):
-    """(loop, config) as bytes: Ray Train's controller, and the task that calls ``fit()``,
-    then never unpickle them, so they do not import torch, transformers and peft for the
-    stage's modules (several CPU-seconds per process, per run, on a small machine); only
-    the workers, which need them anyway, do."""
+def _serialize_loop(
+    train_loop: Callable[[dict[str, Any]], None],
+    loop_config: dict[str, Any],
+    log: RunLog | None,
+) -> bytes:
+    """(loop, config, log) as bytes: Ray Train's controller, and the task that calls
+    ``fit()``, then never unpickle them, so they do not import torch, transformers and peft
+    for the stage's modules (several CPU-seconds per process, per run, on a small machine);
+    only the workers, which need them anyway, do."""
     from ray import cloudpickle
 
-    return cloudpickle.dumps((train_loop, loop_config))
+    return cloudpickle.dumps((train_loop, loop_config, log))
 
 
 def _run_serialized_loop(config: dict[str, bytes]) -> None:
-    """The per-worker entry point of every run: unpickle the stage's loop and run it."""
+    """The per-worker entry point of every run: unpickle the stage's loop and run it, its
+    output in the run's log (rank 0: ``<name>.log``, others ``<name>.rank<k>.log``)."""
     from ray import cloudpickle
 
-    train_loop, loop_config = cloudpickle.loads(config["loop"])
-    train_loop(loop_config)
+    train_loop, loop_config, output = cloudpickle.loads(config["loop"])
+    if output is not None:
+        import ray.train
+
+        output = output.for_rank(ray.train.get_context().get_world_rank())
+    with console.worker_output(output):
+        train_loop(loop_config)
 
 
 def fit_torch_run(
@@ -95,7 +119,16 @@ def fit_torch_run(
     checkpoint (Ray Train restores it; the loop picks it up with
     ``ray.train.get_checkpoint()``).
     """
-    return _fit(_serialize_loop(train_loop, loop_config), resources, rundir, stage, name)
+    output = console.run_log(stage, name)
+    task = progress.task_name(stage, name)
+    progress.start(task, "starting")
+    try:
+        loop = _serialize_loop(train_loop, loop_config, output)
+        return _fit(loop, resources, rundir, stage, name)
+    except PsoupsError as exc:
+        raise PsoupsError(f"{exc}{console.log_tail(output)}") from exc
+    finally:
+        progress.finish(task)
 
 
 def _fit(loop: bytes, resources: ScalingSpec, rundir: RunDir, stage: str, name: str):
@@ -204,26 +237,34 @@ def fit_torch_runs(
     fit_remote = ray.remote(num_cpus=0, max_retries=0)(_fit)
     stage = runs[0].stage
     waiting, running, failures = list(runs), {}, []
+    logs = {run.name: console.run_log(stage, run.name) for run in runs}
     times: dict[str, dict[str, float]] = {}
     log(f"{stage}: {len(runs)} Ray Train runs: {', '.join(run.name for run in runs)}")
+    progress.update(stage, 0, len(runs), "run", "0 running")
     while waiting or running:
         total = ray.cluster_resources() if max_concurrent is None else {}
         while waiting and _may_launch(waiting[0], list(running.values()), max_concurrent, total):
             run = waiting.pop(0)
-            loop = _serialize_loop(run.train_loop, run.loop_config)
+            loop = _serialize_loop(run.train_loop, run.loop_config, logs[run.name])
             running[fit_remote.remote(loop, run.resources, rundir, stage, run.name)] = run
             times[run.name] = {"launched_at": time.time()}
-            log(
+            progress.start(progress.task_name(stage, run.name), "starting")
+            progress.note(
                 f"{stage}: launched run {run.name} ({len(running)} running, {len(waiting)} waiting)"
             )
         done, _ = ray.wait(list(running), num_returns=1)
         run = running.pop(done[0])
         times[run.name]["returned_at"] = time.time()
+        progress.finish(progress.task_name(stage, run.name))
         try:
             ray.get(done[0])
-            log(f"{stage}: run {run.name} finished ({len(running) + len(waiting)} to go)")
+            progress.note(f"{stage}: run {run.name} finished ({len(running) + len(waiting)} to go)")
         except Exception as exc:  # a failed run must not hide the others' results
-            failures.append(f"{run.name}: {getattr(exc, 'cause', None) or exc}")
+            cause = getattr(exc, "cause", None) or exc
+            failures.append(f"{run.name}: {cause}{console.log_tail(logs[run.name])}")
+            log(f"{stage}: run {run.name} failed")
+        finished = len(runs) - len(running) - len(waiting)
+        progress.update(stage, finished, len(runs), "run", f"{len(running)} running")
     if failures:
         raise PsoupsError(f"{len(failures)} Ray Train run(s) failed:\n  " + "\n  ".join(failures))
     return times

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from psoups_ray.progress import log
+from psoups_ray import progress
 
 
 def trainer_kwargs(
@@ -51,20 +50,21 @@ def trainer_kwargs(
 
 
 class ProgressCallback(TrainerCallback):
-    """Prints ``[label] step i/n loss ...`` on rank 0 every ``logging_steps``."""
+    """Rank 0 reports ``task``'s step / max steps, loss and learning rate every
+    ``logging_steps`` (:func:`psoups_ray.progress.update`)."""
 
-    def __init__(self, label: str):
-        self.label = label
-        self.started = time.monotonic()
+    def __init__(self, task: str):
+        self.task = task
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            progress.start(self.task, "training")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
             return
-        elapsed = time.monotonic() - self.started
-        log(
-            f"[{self.label}] step {state.global_step}/{state.max_steps} "
-            f"loss {logs['loss']:.3f} lr {logs.get('learning_rate', 0):.2e} ({elapsed:.0f}s)"
-        )
+        detail = f"loss {logs['loss']:.3f} lr {logs.get('learning_rate', 0):.2e}"
+        progress.update(self.task, state.global_step, state.max_steps, "step", detail)
 
 
 def restore_ray_checkpoint(workdir: str) -> str | None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from clusters import RAY_CLI, RayStartCluster
+from console_checks import assert_quiet_console
 
 REPO = Path(__file__).resolve().parents[1]
 EXCLUDES = ["runs/", ".venv/", ".git/", "*.safetensors", "*.bin"]
@@ -77,6 +78,11 @@ def test_the_pipeline_job_on_a_ray_start_cluster_trains_tunes_evaluates_and_repo
                                                  "psoups-tuned"]  # fmt: skip
     assert f"report: {out / 'report.md'}" in logs
     assert f"psoups serve --run {out}" in logs
+    # The job's output (no terminal): the project's lines and plain progress; what the
+    # workers print is in the run's logs.
+    assert_quiet_console(logs, out)
+    assert "[policies P2A] iteration" in logs
+    assert (out / "logs/tune/evaluator-0.log").is_file()
 
 
 def test_per_pole_runs_spread_over_simulated_nodes_through_the_run_directory(policy_run, tmp_path):

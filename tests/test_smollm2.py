@@ -6,15 +6,18 @@ two dimensions, on the real weights (CI installs the model package, see ``./dev`
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from console_checks import assert_quiet_console
 
 from psoups_ray.artifacts import PreferenceRow
 from psoups_ray.base.model import load_gguf_base
 from psoups_ray.config import SMOKE_TEST_OVERRIDES, LoraSpec, load_config
+from psoups_ray.console import RunConsole
 from psoups_ray.errors import ConfigError, PsoupsError
 from psoups_ray.feedback.generate import build_sampling_job, make_judge, read_prompts_file
 from psoups_ray.feedback.stage import check_feedback_config, split_held_out
@@ -183,7 +186,15 @@ def test_smollm2_smoke_runs_every_stage_on_the_real_weights(ray_cluster, tmp_pat
 
     out = tmp_path / "run"
     config = keep_dimensions(load_config("smollm2", SMOKE), SMOKE_DIMENSIONS)
-    manifest = run_pipeline(config, str(out), ["report"]).data
+    terminal = io.StringIO()  # as `psoups run` shows it without a terminal
+    with RunConsole(RunDir(out), terminal=terminal, live=False):
+        manifest = run_pipeline(config, str(out), ["report"]).data
+    shown = terminal.getvalue()
+    assert_quiet_console(shown, out)
+    assert "[7/7] report: done" in shown
+    # The real model's load reports are in the logs of the processes that loaded it.
+    assert "LOAD REPORT" in (out / "logs/rewards/P1A.log").read_text()
+    assert (out / "logs/evaluate/evaluator-0.log").is_file()
     base = manifest["base"]
     assert base["gguf_file"] == GGUF and base["parameters"] == 134_515_008
     assert (out / "base/pretrained/model.safetensors").is_file()

@@ -19,6 +19,7 @@ from datasets import Dataset
 from transformers import PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+from psoups_ray import progress
 from psoups_ray.base.model import build_tiny_model
 from psoups_ray.config import BaseConfig
 from psoups_ray.progress import log
@@ -165,14 +166,11 @@ def run_sft(job: SFTJob, *, under_ray: bool = False) -> dict[str, Any]:
 
 
 def _sample(model, tokenizer, job: SFTJob) -> list[str]:
-    started = time.monotonic()
-
-    def progress(done: int, total: int) -> None:
-        elapsed = time.monotonic() - started
-        log(f"[{job.label}] sampled {done}/{total} held-out prompts ({elapsed:.0f}s)")
+    def on_sampled(done: int, total: int) -> None:
+        progress.update(job.label, done, total, "sample", "held-out prompts")
 
     sampler = Sampler(model, tokenizer)
-    return sample_texts(sampler, job.sample_prompts, job.base.sample, job.seed, progress)
+    return sample_texts(sampler, job.sample_prompts, job.base.sample, job.seed, on_sampled)
 
 
 def sft_train_loop(loop_config: dict[str, Any]) -> None:

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from psoups_ray import progress
 from psoups_ray.artifacts import PROMPTS_FILES, RunArtifacts
 from psoups_ray.config import SOUP_SYSTEMS, GenerationSpec, PsoupsConfig
 from psoups_ray.errors import PsoupsError
@@ -323,14 +324,12 @@ def _generate(config, models, combinations, prompts, tuned_weights):
     gpus = resources.gpus if resources.use_gpu else 0.0
     count = min(spec.num_evaluators, len(requests))
     pool = start_evaluators(models, count, resources.cpus, gpus, "evaluate")
-    started = time.monotonic()
 
-    def progress(done: int, total: int) -> None:
-        log(f"evaluate: generated {done}/{total} requests ({rows} responses in all, "
-            f"{time.monotonic() - started:.0f}s)")  # fmt: skip
+    def on_result(done: int, total: int) -> None:
+        progress.update("evaluate", done, total, "request", f"{rows} responses in all")
 
     try:
-        results = pool.map(requests, method="sample", on_result=progress)
+        results = pool.map(requests, method="sample", on_result=on_result)
         evaluators = pool.stats()
     finally:
         pool.stop()

@@ -25,8 +25,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from psoups_ray import console, progress
 from psoups_ray.artifacts import BaseArtifact, PreferenceRow, RunArtifacts
 from psoups_ray.config import GenerationSpec, PsoupsConfig, ScalingSpec
+from psoups_ray.console import RunLog
 from psoups_ray.errors import PsoupsError
 from psoups_ray.judges import PairToJudge, PairwiseJudge, Verdict
 from psoups_ray.judges.attributes import AttributeJudge
@@ -288,8 +290,9 @@ def sample_responses(job: SamplingJob) -> Responses:
                 format_prompt(tokenizer, prompt, preference_prompt) for prompt in sampling.prompts
             ]
             seed = derive_seed(job.seed, "generate", sampling.pole, which)
-            progress = _sampling_progress(sampling.pole, which)
-            samples.append(sample_texts(sampler, formatted, job.generation, seed, progress))
+            on_sampled = _sampling_progress(sampling.pole, which)
+            samples.append(sample_texts(sampler, formatted, job.generation, seed, on_sampled))
+            progress.finish(f"feedback {sampling.pole} {which}")
         responses[sampling.pole] = (samples[0], samples[1])
     del model
     gc.collect()
@@ -299,10 +302,10 @@ def sample_responses(job: SamplingJob) -> Responses:
 
 
 def _sampling_progress(pole: str, which: str) -> Callable[[int, int], None]:
-    def progress(done: int, total: int) -> None:
-        log(f"feedback: {pole}: sampled {done}/{total} responses ({which})")
+    def on_sampled(done: int, total: int) -> None:
+        progress.update(f"feedback {pole} {which}", done, total, "response", "sampling")
 
-    return progress
+    return on_sampled
 
 
 # --- judging (driver) ----------------------------------------------------------------------------
@@ -373,7 +376,8 @@ def _judge_pole(
         batch = to_judge[start : start + batch_size]
         pairs = [PairToJudge(*triples[index]) for index in batch]
         verdicts.update(zip(batch, judge.compare_batch(pole, pairs), strict=True))
-        log(f"feedback: {pole}: judged {start + len(batch)}/{len(to_judge)} pairs")
+        progress.update(f"feedback {pole}", start + len(batch), len(to_judge), "pair", "judging")
+    progress.finish(f"feedback {pole}")
     return [
         Label(prompt, pole, a, b, verdicts.get(index, "tie"), skipped[index])
         for index, (prompt, a, b) in enumerate(triples)
@@ -390,14 +394,22 @@ def run_sampling_task(job: SamplingJob, resources: ScalingSpec) -> Responses:
     if not ray.is_initialized():
         log("feedback: Ray is not initialised; sampling in this process")
         return sample_responses(job)
-    task = ray.remote(sample_responses).options(
+    task = ray.remote(_sample_responses_logged).options(
         num_cpus=resources.cpus_per_worker,
         num_gpus=resources.gpus_per_worker if resources.use_gpu else 0,
         max_retries=resources.max_failures,
     )
+    output = console.run_log("feedback", "sampling")
     try:
-        return ray.get(task.remote(job))
+        return ray.get(task.remote(job, output))
     except ray.exceptions.RayTaskError as exc:
         if isinstance(exc.cause, PsoupsError):
-            raise exc.cause from None
-        raise PsoupsError(f"the feedback sampling task failed: {exc.cause!r}") from exc
+            raise PsoupsError(f"{exc.cause}{console.log_tail(output)}") from None
+        raise PsoupsError(
+            f"the feedback sampling task failed: {exc.cause!r}{console.log_tail(output)}"
+        ) from exc
+
+
+def _sample_responses_logged(job: SamplingJob, output: RunLog | None) -> Responses:
+    with console.worker_output(output):
+        return sample_responses(job)

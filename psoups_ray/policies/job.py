@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 
+from psoups_ray import progress
 from psoups_ray.artifacts import BaseArtifact
 from psoups_ray.config import PolicyConfig
 from psoups_ray.errors import PsoupsError
@@ -270,14 +271,14 @@ def _restore(trainer: PPOTrainer) -> list[dict[str, float]] | None:
     return list(state["history"])
 
 
-def _progress_line(job: PolicyJob, metrics: dict[str, float], started: float) -> str:
-    return (
-        f"[policies {job.name}] iteration {int(metrics['step'])}/{job.policy.steps} "
+def _report_progress(job: PolicyJob, metrics: dict[str, float]) -> None:
+    detail = (
         f"reward {metrics['reward']:+.3f} kl {metrics['kl']:.2f} (beta {metrics['kl_coef']:.3f}) "
         f"entropy {metrics['entropy']:.2f} value_loss {metrics['value_loss']:.3f} "
-        f"clip {metrics['clip_fraction']:.2f} length {metrics['response_length']:.0f} "
-        f"({time.monotonic() - started:.0f}s)"
+        f"clip {metrics['clip_fraction']:.2f} length {metrics['response_length']:.0f}"
     )
+    task = progress.task_name("policies", job.name)
+    progress.update(task, int(metrics["step"]), job.policy.steps, "iteration", detail)
 
 
 def run_policy_training(job: PolicyJob, *, under_ray: bool = False) -> dict[str, Any]:
@@ -303,13 +304,15 @@ def run_policy_training(job: PolicyJob, *, under_ray: bool = False) -> dict[str,
     spec = job.policy
     started = time.monotonic()
     started_at = time.time()
+    if rank == 0:
+        progress.start(progress.task_name("policies", job.name), "training")
     while trainer.steps_done < spec.steps:
         step = trainer.steps_done
         metrics = trainer.step(sample_queries(job, step, rank, spec.rollout_batch_size), rank)
         history.append(metrics)
         done = trainer.steps_done
         if rank == 0 and (done % spec.logging_steps == 0 or done == spec.steps):
-            log(_progress_line(job, metrics, started))
+            _report_progress(job, metrics)
         if under_ray:
             _report(
                 trainer,

@@ -8,11 +8,16 @@ only the actors import the evaluator.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from psoups_ray import console
+from psoups_ray.console import RunLog
 from psoups_ray.progress import log
 from psoups_ray.runtime.queries import SoupModels, SoupQuery
+
+CLOSE_TIMEOUT_S = 60.0  # for the actors to flush (and upload) their logs when stopped
 
 
 class EvaluatorPool:
@@ -72,8 +77,11 @@ class EvaluatorPool:
         return results
 
     def stop(self) -> None:
+        """Close the actors' logs (an object store's are uploaded then), then end them."""
         import ray
 
+        closing = [actor.close.remote() for actor in self.actors]
+        ray.wait(closing, num_returns=len(closing), timeout=CLOSE_TIMEOUT_S)
         for actor in self.actors:
             ray.kill(actor)
 
@@ -109,7 +117,10 @@ def start_evaluators(
         )
         count = fit
     actor_class = evaluator_actor_class(cpus, gpus)
-    actors = [actor_class.remote(models) for _ in range(count)]
+    actors = [
+        actor_class.remote(models, console.run_log(stage, f"evaluator-{index}"))
+        for index in range(count)
+    ]
     log(
         f"{stage}: {len(actors)} evaluator actor(s) load the base, "
         f"{len(models.models.policies)} policies and "
@@ -130,7 +141,10 @@ def evaluator_actor_class(num_cpus: float, num_gpus: float):
 
     @ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=1)
     class SoupEvaluatorActor:
-        def __init__(self, models: SoupModels):
+        def __init__(self, models: SoupModels, log: RunLog | None = None):
+            # The actor's output, for its lifetime, goes to its log (under a console).
+            self._output = contextlib.ExitStack()
+            self._output.enter_context(console.worker_output(log))
             import torch
 
             from psoups_ray.runtime.evaluator import SoupEvaluator
@@ -160,6 +174,9 @@ def evaluator_actor_class(num_cpus: float, num_gpus: float):
 
         def sample(self, queries, prompts, spec, seed, scored):
             return self._serve(self.evaluator.sample, queries, prompts, spec, seed, scored)
+
+        def close(self) -> None:
+            self._output.close()
 
         def stats(self) -> dict[str, Any]:
             import os

@@ -25,9 +25,9 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.search import Searcher
 
+from psoups_ray import progress
 from psoups_ray.config import GenerationSpec, TuneConfig
 from psoups_ray.errors import PsoupsError
-from psoups_ray.progress import log
 from psoups_ray.runtime.pool import EvaluatorPool
 from psoups_ray.runtime.queries import SoupQuery
 from psoups_ray.tune.simplex import from_cube, simplex_grid, to_cube
@@ -416,10 +416,14 @@ class _Progress(Callback):
         if not math.isclose(result["scale"], 1.0):
             weights += f" (total {result['scale']:.2f})"
         success = f" success {result['success_rate']:.2f}" if "success_rate" in result else ""
-        log(
-            f"[tune {key}] trial {len(rows)}/{self.budgets[key]}: {weights} -> objective "
-            f"{result[OBJECTIVE]:+.3f}{success} (best {self.best[key]:+.3f}, "
-            f"{time.monotonic() - self.started:.0f}s)"
+        task = progress.task_name("tune", key)
+        progress.note(
+            f"[{task}] trial {len(rows)}/{self.budgets[key]}: {weights} -> objective "
+            f"{result[OBJECTIVE]:+.3f}{success}"
         )
-        if len(rows) == self.budgets[key] and self.on_done is not None:
-            self.on_done(key, _numbered(rows))
+        best = f"best {self.best[key]:+.3f}"
+        progress.update(task, len(rows), self.budgets[key], "trial", best)
+        if len(rows) == self.budgets[key]:
+            progress.finish(task)
+            if self.on_done is not None:
+                self.on_done(key, _numbered(rows))

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from psoups_ray import progress
 from psoups_ray.artifacts import PROMPTS_FILES, RunArtifacts
 from psoups_ray.config import PsoupsConfig
 from psoups_ray.errors import PsoupsError
@@ -268,13 +269,15 @@ def _pareto(config, rundir, pool, tuned, trial_prompts) -> dict[str, Any]:
         f"(and the soups of the combinations holding both poles): {soups_total} soups on "
         f"{len(prompts)} prompts"
     )
-    started = time.monotonic()
 
-    def progress(done: int, total: int) -> None:
-        log(f"tune: Pareto fronts: {done}/{total} pole pairs done "
-            f"({time.monotonic() - started:.0f}s)")  # fmt: skip
+    def on_result(done: int, total: int) -> None:
+        progress.update("tune pareto", done, total, "pole pair", f"{soups_total} soups")
 
-    results = pool.map(requests, on_result=progress)
+    progress.start("tune pareto")
+    try:
+        results = pool.map(requests, on_result=on_result)
+    finally:
+        progress.finish("tune pareto")
     fronts: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="psoups-pareto-") as workdir:
         for pair, pair_labels, pair_results in zip(pairs, labels, results, strict=True):
