@@ -15,6 +15,7 @@ point: an artifact counts only once the manifest names it.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import hashlib
@@ -24,6 +25,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -322,3 +324,51 @@ def local_reference(reference: str) -> str:
     if "://" in reference or os.path.isabs(reference):
         return str(resolve_artifact(reference))
     return reference
+
+
+# --- users' data files: a local path or a URI, like the run directory -------------------------
+
+
+def _remote(location: str) -> tuple[RunDir, str]:
+    parent, _, name = location.rstrip("/").rpartition("/")
+    if not name or "://" not in parent:
+        raise StorageError(f"cannot open {location!r}: a URI names a file or directory in a bucket")
+    return RunDir(parent), name
+
+
+def data_kind(location: str) -> str:
+    """``"file"``, ``"dir"`` or ``"missing"`` for a user's data (a local path, ``~`` allowed,
+    or a ``pyarrow.fs`` URI such as ``s3://bucket/feedback.jsonl``); a
+    :class:`StorageError` names a location that cannot be opened at all."""
+    if "://" in location:
+        storage, name = _remote(location)
+        kind = storage._info(name).type
+    else:
+        path = Path(location).expanduser()
+        try:
+            kind = (pafs.FileType.Directory if path.is_dir() else
+                    pafs.FileType.File if path.exists() else pafs.FileType.NotFound)  # fmt: skip
+        except (OSError, ValueError) as exc:  # a name too long, a NUL byte...
+            raise StorageError(f"cannot open {location!r:.80}: {exc.__class__.__name__}") from None
+    if kind == pafs.FileType.Directory:
+        return "dir"
+    return "missing" if kind == pafs.FileType.NotFound else "file"
+
+
+@contextlib.contextmanager
+def local_data(location: str) -> Iterator[Path]:
+    """A local path holding a user's data file or directory (:func:`data_kind`): the path
+    itself, or for a URI a download (a file: into a temporary directory removed after the
+    block, under its own name, so its suffix still tells its format; a directory: the
+    download cache of :meth:`RunDir.local_dir`)."""
+    if "://" not in location:
+        yield Path(location).expanduser()
+        return
+    storage, name = _remote(location)
+    if storage.is_dir(name):
+        yield storage.local_dir(name)
+        return
+    with tempfile.TemporaryDirectory(prefix="psoups-data-") as scratch:
+        local = Path(scratch) / name
+        local.write_bytes(storage.read_bytes(name))
+        yield local

@@ -94,6 +94,21 @@ def test_every_format_reads_the_same_rows(tmp_path, writer, name):
     assert read(FeedbackFileSpec(path=str(path))) == expected(rows)
 
 
+@pytest.mark.parametrize(
+    "writer,name", [(write_jsonl, "pairs.jsonl"), (write_parquet, "pairs.parquet"),
+                    (write_dataset, "pairs_dataset")],
+)  # fmt: skip
+def test_files_given_by_uri_read_through_pyarrow_like_the_run_directory(tmp_path, writer, name):
+    """A ``file://`` URI takes the path of ``s3://`` and ``gs://`` ones (pyarrow.fs: a file
+    downloaded to a scratch copy that is removed after reading)."""
+    rows = standard_rows()
+    path = writer(tmp_path / name, rows)
+    assert read(FeedbackFileSpec(path=f"file://{path}")) == expected(rows)
+    missing = problems_of(FeedbackFileSpec(path=f"file://{tmp_path}/absent.jsonl"))
+    assert "absent.jsonl: does not exist (feedback.files[0].path)" in missing
+    assert "cannot open" in problems_of(FeedbackFileSpec(path="nosuchscheme://bucket/x.jsonl"))
+
+
 def test_json_array_and_pole_case_are_accepted(tmp_path):
     rows = standard_rows()
     path = tmp_path / "pairs.json"

@@ -201,6 +201,7 @@ def test_prompts_files(tmp_path):
     text = tmp_path / "prompts.txt"
     text.write_text("How do tides work?\n\n  Why is the sky blue?  \n")
     assert read_prompts_file(str(text)) == ["How do tides work?", "Why is the sky blue?"]
+    assert read_prompts_file(f"file://{text}") == read_prompts_file(str(text))  # as s3://, gs://
     jsonl = tmp_path / "prompts.jsonl"
     jsonl.write_text('{"prompt": "How do tides work?"}\n{"prompt": ""}\n')
     with pytest.raises(PsoupsError, match=r"prompts\.jsonl: line 2: field 'prompt'"):
@@ -211,6 +212,8 @@ def test_prompts_files(tmp_path):
         read_prompts_file(str(empty))
     with pytest.raises(PsoupsError, match="does not exist"):
         read_prompts_file(str(tmp_path / "missing.txt"))
+    with pytest.raises(PsoupsError, match="does not exist"):
+        read_prompts_file(f"file://{tmp_path}/missing.txt")
 
 
 def test_sample_prompts_is_seeded_and_distinct_while_the_pool_lasts():

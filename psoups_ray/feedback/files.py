@@ -19,8 +19,9 @@ from typing import Any
 
 from psoups_ray.artifacts import PreferenceRow
 from psoups_ray.config import FeedbackFileSpec
-from psoups_ray.errors import PsoupsError
+from psoups_ray.errors import PsoupsError, StorageError
 from psoups_ray.preferences import CombinationError, PreferenceSpace
+from psoups_ray.rundir import data_kind, local_data
 
 ACCEPTED_FORMATS = (
     "JSONL (.jsonl, or .json holding JSON lines or one array of objects), Parquet "
@@ -95,20 +96,23 @@ def format_problems(what: str, problems: Sequence[str]) -> str:
 def _read_file(
     spec: FeedbackFileSpec, index: int, space: PreferenceSpace, problems: list[str]
 ) -> list[PreferenceRow]:
-    path = Path(spec.path).expanduser()
     name = _printable(spec.path)
     try:
-        exists = path.exists()
-    except (OSError, ValueError) as exc:  # a name too long, a NUL byte...
-        problems.append(f"{name}: cannot be opened ({exc}) (feedback.files[{index}].path)")
+        kind = data_kind(spec.path)
+    except StorageError as exc:
+        problems.append(f"{name}: {exc} (feedback.files[{index}].path)")
         return []
-    if not exists:
+    if kind == "missing":
         problems.append(f"{name}: does not exist (feedback.files[{index}].path)")
         return []
     try:
-        table = _read_table(path)
+        with local_data(spec.path) as path:
+            table = _read_table(path)
     except _Unreadable as exc:
         problems.append(f"{name}: {exc}; accepted formats: {ACCEPTED_FORMATS}")
+        return []
+    except StorageError as exc:
+        problems.append(f"{name}: {exc} (feedback.files[{index}].path)")
         return []
     problems.extend(f"{name}: {problem}" for problem in table.problems)
     if not table.rows:

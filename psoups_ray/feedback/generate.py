@@ -22,19 +22,18 @@ import json
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from psoups_ray import console, progress
 from psoups_ray.artifacts import BaseArtifact, PreferenceRow, RunArtifacts
 from psoups_ray.config import GenerationSpec, PsoupsConfig, ScalingSpec
 from psoups_ray.console import RunLog
-from psoups_ray.errors import PsoupsError
+from psoups_ray.errors import PsoupsError, StorageError
 from psoups_ray.judges import PairToJudge, PairwiseJudge, Verdict
 from psoups_ray.judges.attributes import AttributeJudge
 from psoups_ray.manifest import MANIFEST_NAME, Manifest
 from psoups_ray.progress import log
-from psoups_ray.rundir import RunDir
+from psoups_ray.rundir import RunDir, data_kind, local_data
 from psoups_ray.seeding import derive_seed
 from psoups_ray.world import data_world
 
@@ -122,12 +121,12 @@ def read_prompts_file(path: str, key: str = "feedback.prompts_file") -> list[str
             return load_prompts(path[len(BUILTIN_PREFIX) :])
         except PsoupsError as exc:
             raise PsoupsError(f"{key}: {exc}") from None
-    file = Path(path).expanduser()
-    if not file.is_file():
+    if data_kind(path) != "file":
         raise PsoupsError(f"{key}: {path} does not exist")
     try:
-        text = file.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
+        with local_data(path) as file:
+            text = file.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError, StorageError) as exc:
         raise PsoupsError(f"{key}: cannot read {path} as UTF-8 text ({exc})") from None
     prompts: list[str] = []
     is_jsonl = file.suffix.lower() in (".jsonl", ".json")

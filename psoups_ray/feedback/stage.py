@@ -17,12 +17,12 @@ rejected}``, read back with :func:`~psoups_ray.feedback.rows.load_feedback`), an
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import Any
 
 from psoups_ray.artifacts import EVAL_PATH, TRAIN_PATH, PreferenceRow
 from psoups_ray.config import PsoupsConfig
-from psoups_ray.errors import ConfigError, PsoupsError
+from psoups_ray.errors import ConfigError, PsoupsError, StorageError
 from psoups_ray.feedback.files import (
     CSV_SUFFIXES,
     JSON_SUFFIXES,
@@ -39,7 +39,7 @@ from psoups_ray.feedback.rows import (
 )
 from psoups_ray.judges.openai import openai_judge_problems
 from psoups_ray.progress import log
-from psoups_ray.rundir import RunDir
+from psoups_ray.rundir import RunDir, data_kind
 from psoups_ray.seeding import derive_seed
 from psoups_ray.world import data_world
 
@@ -104,16 +104,16 @@ def _file_problems(config: PsoupsConfig) -> list[str]:
     accepted = (*JSON_SUFFIXES, *PARQUET_SUFFIXES, *CSV_SUFFIXES)
     problems = []
     for index, spec in enumerate(config.feedback.files):
-        path = Path(spec.path).expanduser()
+        path = PurePosixPath(spec.path)
         key = f"feedback.files[{index}].path"
         try:
-            exists, is_file = path.exists(), path.is_file()
-        except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL
-            problems.append(f"{key}: {spec.path!r:.80} cannot be opened ({exc.__class__.__name__})")
+            kind = data_kind(spec.path)
+        except StorageError as exc:  # a name too long for the file system, a NUL, a bad URI
+            problems.append(f"{key}: {exc}")
             continue
-        if not exists:
+        if kind == "missing":
             problems.append(f"{key}: {spec.path} does not exist")
-        elif is_file and path.suffix.lower() not in accepted:
+        elif kind == "file" and path.suffix.lower() not in accepted:
             problems.append(
                 f"{key}: {spec.path} has an unsupported suffix {path.suffix or '(none)'!r}; "
                 f"accepted: {', '.join(accepted)} or a directory saved by datasets' save_to_disk"
@@ -131,8 +131,8 @@ def _prompts_file_problem(key: str, path: str) -> str | None:
         names = ", ".join(BUILTIN_PREFIX + split for split in PROMPT_SPLITS)
         return f"{key}: unknown built-in prompt set {path!r}; built-in sets: {names}"
     try:
-        found = Path(path).expanduser().is_file()
-    except (OSError, ValueError):  # a name too long for the file system, a NUL
+        found = data_kind(path) == "file"
+    except StorageError:  # a name too long for the file system, a NUL, a bad URI
         found = False
     return None if found else f"{key}: {path} does not exist"
 
