@@ -44,11 +44,17 @@ def test_ppo_memory_benchmark_compares_both_layouts():
     assert ratios["memory"] > 0 and ratios["time"] > 0
 
 
-def test_generation_benchmark_compares_the_three_decoders():
-    stdout, ratios = run_bench("bench/generation.py", "--smoke-test")
-    assert all(f"{name}: " in stdout for name in ("hf", "loop", "merged"))
-    assert ratios["loop"] > 0 and ratios["merged"] > 0
-    assert ratios["greedy_equals_hf"] is True and ratios["restored"] is True
+def test_decode_benchmark_measures_ours_generate_and_the_bound_in_one_run():
+    stdout, ratios = run_bench("bench/decode.py", "--smoke-test", "--dtypes", "float32")
+    assert all(f"{name} " in stdout for name in ("bound", "generate", "merged", "mixing"))
+    for key in ("ours_tokens_per_s", "generate_tokens_per_s", "bound_tokens_per_s"):
+        assert ratios[key] > 0
+    assert ratios["dtype"] == "float32" and len(ratios["rows"]) == 1
+    row = ratios["rows"][0]
+    assert ratios["ours_vs_bound"] == row["mixing_vs_bound"]
+    assert row["mixing_vs_generate"] == round(
+        row["mixing_tokens_per_s"] / row["generate_tokens_per_s"], 2
+    )
 
 
 def test_micro_batch_benchmark_trains_the_same_sft_steps_both_ways():

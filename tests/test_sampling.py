@@ -263,11 +263,11 @@ def test_the_cache_grows_in_place_and_holds_what_transformers_cache_holds(tokeni
         assert growing.get_seq_length() == dynamic.get_seq_length()
         buffers.add(growing._keys.data_ptr())
     assert len(buffers) == 2  # written in place, reallocated once (doubled) on overflow
-    sampler = Sampler(model, tokenizer)
+    sampler = Sampler(model, tokenizer, fast=False)  # transformers' forward, with the cache
     batch = requests(sampler, [SamplingParams(30, seed=s) for s in range(4)])
     with_growing = [c.token_ids for c in sampler.complete(batch, 4)]
     monkeypatch.setattr(  # the model's own cache
-        "psoups_ray.runtime.sampling.preallocated_cache", lambda model, capacity: None
+        "psoups_ray.runtime.cache.preallocated_cache", lambda model, capacity: None
     )
     assert [c.token_ids for c in sampler.complete(batch, 4)] == with_growing
 

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 TINY_MODEL = "tiny"
+DecodeDtype = Literal["auto", "float32", "bfloat16"]
 MAX_SOUP_WEIGHT = 10.0
 """Largest weight a soup may give one pole (tuning and serving). Weights mix pole policies;
 far beyond 1 the output is noise, and from about 1e24 the logits overflow."""
@@ -59,6 +60,10 @@ class GenerationSpec(StrictModel):
     """Nucleus sampling mass."""
     batch_size: int = Field(default=32, ge=1)
     """Prompts generated for in one batch (a row's text does not depend on its batch)."""
+    dtype: DecodeDtype = "auto"
+    """Weights and activations while decoding (logits and sampling stay float32): ``auto``
+    takes bfloat16 where the hardware computes it natively (a CUDA GPU with bfloat16, a CPU
+    with AMX or AVX-512 BF16) and the model's own dtype elsewhere."""
 
 
 class LoraSpec(StrictModel):

@@ -6,7 +6,13 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from psoups_ray.config.common import GenerationSpec, LoraSpec, ScalingSpec, StrictModel
+from psoups_ray.config.common import (
+    DecodeDtype,
+    GenerationSpec,
+    LoraSpec,
+    ScalingSpec,
+    StrictModel,
+)
 
 
 class RolloutGenerationSpec(StrictModel):
@@ -22,11 +28,15 @@ class RolloutGenerationSpec(StrictModel):
     """Sampling temperature; the PPO log-probabilities use the same temperature."""
     top_p: float = Field(default=1.0, gt=0, le=1)
     """Nucleus sampling mass (1: sample the full distribution, as PPO's ratios assume)."""
-    merged: bool = True
-    """Sample with the policy's LoRA merged into the base weights (the same policy, faster:
-    no per-layer adapter overhead; measured in ``bench/generation.py``). A copy of the
-    adapted layers' base weights is held meanwhile to restore them exactly; turn off where
-    that copy does not fit (large bases)."""
+    merged: bool = False
+    """Sample with the policy's LoRA merged into the base weights, a copy of the adapted
+    layers' base weights held meanwhile to restore them exactly. Only models the sampler's
+    fast decoder does not take gain from it (transformers' forward pays PEFT's per-layer
+    adapter overhead); the fast decoder runs the adapter unmerged at little cost."""
+    dtype: DecodeDtype = "auto"
+    """Weights and activations while sampling rollouts (``generation.dtype``'s meaning).
+    The PPO ratio's log-probabilities are recomputed by the training forward whatever it
+    is."""
 
     @model_validator(mode="after")
     def _range_is_ordered(self) -> RolloutGenerationSpec:

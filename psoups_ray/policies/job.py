@@ -170,6 +170,7 @@ def evaluate_policy(trainer: PPOTrainer, job: PolicyJob) -> dict[str, Any]:
                 derive_seed(seed, start),
                 reference=which == "base",
                 top_k=spec.top_k,
+                dtype=spec.dtype,
             )
             texts.extend(sampled.texts)
             lengths.append(sampled.mask.sum(dim=1).cpu())

@@ -32,6 +32,7 @@ from torch import nn
 from psoups_ray.errors import PsoupsError
 from psoups_ray.policies.ppo_math import entropy_from_logits, gather_logprobs
 from psoups_ray.runtime.batching import position_ids_for
+from psoups_ray.runtime.decoder import weights_changed
 from psoups_ray.runtime.rewards import (
     RewardAdapter,
     RewardBank,
@@ -166,9 +167,11 @@ class SharedBasePPOModels(nn.Module):
             if isinstance(module, LoraLayer) and POLICY in module.lora_A
         ]
         saved = [layer.get_base_layer().weight.detach().clone() for layer in layers]
+        base = self.peft.get_base_model()
         try:
             for layer in layers:
                 layer.merge(adapter_names=[POLICY])
+            weights_changed(base)
             yield
         finally:
             with torch.no_grad():
@@ -176,6 +179,7 @@ class SharedBasePPOModels(nn.Module):
                     if layer.merged:
                         layer.unmerge()
                     layer.get_base_layer().weight.copy_(weight)
+            weights_changed(base)
 
     def _response_logits(self, input_ids, attention_mask, query_length, temperature):
         hidden = self.trunk.hidden(input_ids, attention_mask, position_ids_for(attention_mask))

@@ -9,9 +9,10 @@ whitening and the KL controller use every worker's data.
 
 The models come from :class:`psoups_ray.policies.models.SharedBasePPOModels` (or anything with
 the same methods); the reward of a response is a callable, so one trainer serves a pole's
-policy, P-MORL and the single-reward baseline. Rollouts are sampled with the policy's
-LoRA merged into the base (``policies.generation.merged``), and every forward pass drops
-the columns that are padding in every row of its minibatch (:func:`trim_padding`).
+policy, P-MORL and the single-reward baseline. Rollouts are sampled by the runtime's
+sampler (its fast decoder runs the policy's LoRA unmerged; ``policies.generation.merged``
+merges it into the base for models only transformers' forward decodes), and every forward
+pass drops the columns that are padding in every row of its minibatch (:func:`trim_padding`).
 """
 
 from __future__ import annotations
@@ -213,10 +214,13 @@ class PPOTrainer:
         seed: int,
         reference: bool = False,
         top_k: int = 0,
+        dtype: str = "auto",
     ) -> RolloutSample:
         """Responses to ``queries`` from the policy (or the reference), the full tempered
-        distribution unless ``top_k``/``top_p`` cut it; row i draws with seed
-        ``(seed, i)``."""
+        distribution unless ``top_k``/``top_p`` cut it, decoded in ``dtype``
+        (:func:`~psoups_ray.runtime.decoder.resolve_dtype`); row i draws with seed
+        ``(seed, i)``. The PPO ratio's log-probabilities are recomputed by the training
+        forward, never taken from the sampler."""
         prompts = self.encode_queries(queries)
         requests = [
             SampleRequest(
@@ -227,7 +231,7 @@ class PPOTrainer:
         ]
         merged = self.spec.generation.merged and not reference
         with self._autocast(), self.models.sampling(reference, merged) as model:
-            completions = self.sampler.complete(requests, len(requests), model=model)
+            completions = self.sampler.complete(requests, len(requests), model=model, dtype=dtype)
         input_ids, attention_mask = left_padded(prompts, self.sampler.pad_token_id, self.device)
         width = max(len(c.token_ids) for c in completions)
         responses = torch.full((len(queries), width), self.sampler.pad_token_id, dtype=torch.long)
@@ -294,6 +298,7 @@ class PPOTrainer:
             generation.temperature,
             generation.top_p,
             seed=derive_seed(self.seed, "rollout", step, rank),
+            dtype=generation.dtype,
         )
         mask, texts, has_eos = sampled.mask, sampled.texts, sampled.ended  # (B, T), B, (B,)
         input_ids, attention_mask, query_length = self.join(

@@ -2,8 +2,9 @@
 
 transformers' ``DynamicCache`` concatenates every layer's keys and values with the new
 token's at every step; :func:`preallocated_cache` writes them into one buffer per layer
-instead (:class:`GrowingLayer`), and :func:`drop_finished_rows` lets finished rows leave
-the batch the model computes.
+instead (:class:`GrowingLayer`), whose finished rows can leave the batch the model computes.
+:class:`GenericDecoding` decodes with them through the model's own forward: the sampler's
+path for models its fast decoder (:mod:`psoups_ray.runtime.decoder`) does not take.
 """
 
 from __future__ import annotations
@@ -109,20 +110,56 @@ def can_select_rows(cache) -> bool:
     return bool(layers) and all(isinstance(layer, GrowingLayer) for layer in layers)
 
 
-def drop_finished_rows(cache, still: torch.Tensor) -> torch.Tensor | None:
-    """Once a quarter or more of the rows ``cache`` holds have finished, drop them from it.
+def finished_enough(still: torch.Tensor) -> bool:
+    """Whether finished rows should leave the batch now: once a quarter or more of the rows
+    it holds have finished (``still``: (rows,) bool, the rows still decoding)."""
+    return int((~still).sum()) * 4 >= len(still)
 
-    ``still``: (rows,) bool, the rows still decoding (at least one). Returns the indices of
-    the rows kept, in order, for the caller to narrow its own per-row state with; None when
-    too few have finished and nothing was dropped. The cache must be able to drop rows
-    (:func:`can_select_rows`).
-    """
-    if int((~still).sum()) * 4 < len(still):
-        return None
-    keep = still.nonzero().squeeze(1)
-    for layer in cache.layers:
-        layer.select_rows(keep)
-    return keep
+
+class GenericDecoding:
+    """A batch decoded by ``model``'s own transformers forward, with the preallocated cache
+    (the path of models the fast decoder does not take). :meth:`prefill` and :meth:`step`
+    return the last position's float32 logits: (rows, vocab)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        parameters = inspect.signature(model.forward).parameters
+        self.cache_argument = cache_argument(model)
+        self.keeps_last = "logits_to_keep" in parameters
+        self.cache = None
+        self.can_select_rows = False
+
+    def prefill(self, input_ids, attention_mask, position_ids, capacity: int) -> torch.Tensor:
+        """The prompts (B, L), left-padded; room for ``capacity`` positions in all."""
+        self.cache = preallocated_cache(self.model, capacity)
+        self.attention = attention_mask
+        logits = self._forward(input_ids, position_ids, last_only=True)
+        self.can_select_rows = can_select_rows(self.cache)
+        return logits
+
+    def step(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """One new token per row: (B,) tokens, (B, 1) positions."""
+        self.attention = torch.cat([self.attention, self.attention.new_ones(len(tokens), 1)], 1)
+        return self._forward(tokens.unsqueeze(1), position_ids)
+
+    def select_rows(self, keep: torch.Tensor) -> None:
+        """Keep the rows ``keep`` (1-D indices) in the cache, in that order."""
+        for layer in self.cache.layers:
+            layer.select_rows(keep)
+        self.attention = self.attention[keep]
+
+    def _forward(self, input_ids, position_ids, last_only: bool = False) -> torch.Tensor:
+        output = self.model(
+            input_ids=input_ids,
+            attention_mask=self.attention,
+            position_ids=position_ids,
+            use_cache=True,
+            **({self.cache_argument: self.cache} if self.cache is not None else {}),
+            **({"logits_to_keep": 1} if last_only and self.keeps_last else {}),
+        )
+        if self.cache is None:  # a model that takes no Cache objects made its own
+            self.cache = returned_cache(output)
+        return output.logits[:, -1, :].float()
 
 
 def _grown(buffer: torch.Tensor, filled: int, size: int) -> torch.Tensor:

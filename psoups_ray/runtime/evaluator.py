@@ -76,7 +76,7 @@ class SoupEvaluator:
                 params = SamplingParams.from_spec(spec, row_seed(seed, index))
                 requests.append(SampleRequest(ids, params, weights))
         with self.loaded.generating():  # the reward adapters off: only the mixed soup counts
-            completions = self.sampler.complete(requests, spec.batch_size)
+            completions = self.sampler.complete(requests, spec.batch_size, dtype=spec.dtype)
         texts = [completion.text for completion in completions]
         return [texts[q * len(prompts) : (q + 1) * len(prompts)] for q in range(len(queries))]
 

@@ -10,9 +10,36 @@ log-probabilities a request asks for are the model's own (raw logits, log-softma
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
+
+
+@dataclass(frozen=True)
+class Uses:
+    """Which steps some row of a batch needs (the others cost nothing): known from the
+    rows' settings when the batch starts, so a decoding step asks no tensor."""
+
+    temperature: bool = True  # a temperature other than 0 and 1
+    top_k: bool = True
+    top_p: bool = True
+    min_p: bool = True
+    penalties: bool = True
+    greedy: bool = True  # a row with temperature 0
+
+    @classmethod
+    def of(cls, params: Sequence) -> Uses:
+        return cls(
+            temperature=any(p.temperature not in (0, 1) for p in params),
+            top_k=any(p.top_k > 0 for p in params),
+            top_p=any(p.top_p < 1 for p in params),
+            min_p=any(p.min_p > 0 for p in params),
+            penalties=any(
+                p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty
+                for p in params
+            ),
+            greedy=any(p.temperature == 0 for p in params),
+        )
 
 
 @dataclass
@@ -26,26 +53,28 @@ class RowSettings:
     repetition_penalty: torch.Tensor
     frequency_penalty: torch.Tensor
     presence_penalty: torch.Tensor
+    uses: Uses = field(default_factory=Uses)
 
     @classmethod
     def of(cls, params: Sequence, device: torch.device) -> RowSettings:
         """From each row's :class:`~psoups_ray.runtime.sampling.SamplingParams`."""
-        return cls(**{
-            field.name: torch.tensor([getattr(p, field.name) for p in params], device=device)
-            for field in fields(cls)
-        })  # fmt: skip
+        tensors = {
+            f.name: torch.tensor([getattr(p, f.name) for p in params], device=device)
+            for f in fields(cls)
+            if f.name != "uses"
+        }
+        return cls(**tensors, uses=Uses.of(params))
 
     def select(self, keep: torch.Tensor) -> RowSettings:
-        """The rows ``keep`` (the others left the batch)."""
-        return RowSettings(**{f.name: getattr(self, f.name)[keep] for f in fields(self)})
+        """The rows ``keep`` (the others left the batch; what they used may stay on)."""
+        return RowSettings(**{
+            f.name: getattr(self, f.name)[keep] if f.name != "uses" else self.uses
+            for f in fields(self)
+        })  # fmt: skip
 
     @property
     def penalized(self) -> bool:
-        return bool(
-            (self.repetition_penalty != 1).any()
-            or (self.frequency_penalty != 0).any()
-            or (self.presence_penalty != 0).any()
-        )
+        return self.uses.penalties
 
 
 class TokenHistory:
@@ -93,29 +122,33 @@ def sampling_probabilities(
     top_k: torch.Tensor,
     top_p: torch.Tensor,
     min_p: torch.Tensor | None = None,
+    uses: Uses | None = None,
 ) -> torch.Tensor:
     """Next-token distributions after temperature, then top-k, top-p and min-p, as
     transformers' warpers compute them, with per-row settings: (B, V) float logits, (B,)
     settings -> (B, V). ``top_k`` 0, ``top_p`` 1 and ``min_p`` 0 leave the distribution
     whole; a row with temperature 0 gets the temperature-1 distribution (it decodes
-    greedily anyway)."""
+    greedily anyway). ``uses``: the steps some row needs (default: all, each checked)."""
+    uses = uses or Uses()
     vocab = logits.shape[-1]
-    scores = logits / torch.where(temperature > 0, temperature, 1.0).unsqueeze(1)
-    cut = (top_k > 0) & (top_k < vocab)
-    if bool(cut.any()):
+    scores = logits
+    if uses.temperature:
+        scores = logits / torch.where(temperature > 0, temperature, 1.0).unsqueeze(1)
+    cut = (top_k > 0) & (top_k < vocab) if uses.top_k else None
+    if cut is not None and bool(cut.any()):
         k = torch.where(cut, top_k, 1)
         top = torch.topk(scores, int(k.max()), dim=-1).values  # (B, k_max), descending
         kth = top.gather(1, (k - 1).unsqueeze(1))  # (B, 1)
         kth = torch.where(cut.unsqueeze(1), kth, -float("inf"))
         scores = scores.masked_fill(scores < kth, -float("inf"))
-    if bool((top_p < 1).any()):
+    if uses.top_p and bool((top_p < 1).any()):
         ascending, order = torch.sort(scores, descending=False)
         cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
         drop = cumulative <= (1 - top_p).unsqueeze(1)
         drop[:, -1:] = False  # the most likely token always stays
         scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
     probs = scores.softmax(dim=-1)
-    if min_p is not None and bool((min_p > 0).any()):
+    if uses.min_p and min_p is not None and bool((min_p > 0).any()):
         floor = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values  # (B, 1)
         probs = probs.masked_fill(probs < floor, 0.0)
         probs = probs / probs.sum(dim=-1, keepdim=True)
@@ -129,18 +162,22 @@ def sample_next(
     [0, 1) per row -> (B,). The token is the inverse of the row's cumulative distribution
     at its uniform number; temperature 0 (and a row whose logits overflowed, which must not
     fail its batch) takes the most likely token."""
-    greedy = logits.argmax(dim=-1)
     probs = sampling_probabilities(
-        logits, settings.temperature, settings.top_k, settings.top_p, settings.min_p
-    )
+        logits, settings.temperature, settings.top_k, settings.top_p, settings.min_p,
+        settings.uses,
+    )  # fmt: skip
     cdf = probs.cumsum(dim=-1)  # (B, V), non-decreasing
-    target = (uniforms.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)  # (B, 1)
+    total = cdf[:, -1]  # (B,): not finite when any of the row's probabilities is not
+    target = (uniforms.to(cdf.dtype) * total).unsqueeze(1)  # (B, 1)
     drawn = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
     # right=True never lands on a token of probability 0 but at the very top of the range,
     # where rounding can leave the target at the total: take the most likely token there.
-    drawn = torch.where(probs.gather(1, drawn.unsqueeze(1)).squeeze(1) > 0, drawn, greedy)
-    sampleable = (settings.temperature > 0) & torch.isfinite(probs).all(dim=-1)
-    return torch.where(sampleable, drawn, greedy)
+    usable = (probs.gather(1, drawn.unsqueeze(1)).squeeze(1) > 0) & torch.isfinite(total)
+    if settings.uses.greedy:
+        usable &= settings.temperature > 0
+    if bool(usable.all()):
+        return drawn
+    return torch.where(usable, drawn, logits.argmax(dim=-1))
 
 
 def token_logprobs(

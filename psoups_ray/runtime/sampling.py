@@ -21,7 +21,6 @@ not applied: PPO's log-probabilities assume the plain tempered distribution.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,17 +28,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from psoups_ray import progress
 from psoups_ray.config import GenerationSpec
 from psoups_ray.errors import PsoupsError
 from psoups_ray.progress import log
 from psoups_ray.runtime.batching import left_padded, position_ids_for
-from psoups_ray.runtime.cache import (
-    cache_argument,
-    can_select_rows,
-    drop_finished_rows,
-    preallocated_cache,
-    returned_cache,
-)
+from psoups_ray.runtime.cache import GenericDecoding, finished_enough
+from psoups_ray.runtime.decoder import FastDecoder, decoder_for, resolve_dtype
 from psoups_ray.runtime.logits import (
     RowSettings,
     TokenHistory,
@@ -186,10 +181,13 @@ class Sampler:
     mix adapters per row (:func:`psoups_ray.runtime.mixing.attach_mixing`).
 
     ``tokenizer`` None: tokens only (benchmarks), no texts; EOS and padding come from the
-    model's generation config."""
+    model's generation config. ``fast``: decode with the fast decoder where it reproduces
+    the model (:mod:`psoups_ray.runtime.decoder`); False: always transformers' forward,
+    the reference the fast path is tested against."""
 
-    def __init__(self, model: nn.Module, tokenizer, mixer=None):
+    def __init__(self, model: nn.Module, tokenizer, mixer=None, fast: bool = True):
         self.model = model
+        self.fast = fast
         self.tokenizer = tokenizer
         self.mixer = mixer
         self.eos_ids = eos_token_ids(model, tokenizer)
@@ -222,17 +220,19 @@ class Sampler:
         batch_size: int,
         on_batch: Callable[[int, int], None] | None = None,
         model: nn.Module | None = None,
+        dtype: str = "auto",
     ) -> list[Completion]:
         """Decode every request to its end, ``batch_size`` rows at a time (prompts of
         similar length together); results in request order. ``on_batch(done, total)``
-        after each batch."""
+        after each batch; ``dtype`` as :meth:`stream`'s."""
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i].prompt_ids))
         results: list[Completion | None] = [None] * len(requests)
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             ids: list[list[int]] = [[] for _ in chunk]
             last: list[StepOutput | None] = [None] * len(chunk)
-            for outputs in self.stream([requests[i] for i in chunk], model, text=False):
+            batch = [requests[i] for i in chunk]
+            for outputs in self.stream(batch, model, text=False, dtype=dtype):
                 for slot, out in enumerate(outputs):
                     if out.token_id is not None:
                         ids[slot].append(out.token_id)
@@ -251,6 +251,7 @@ class Sampler:
         requests: Sequence[SampleRequest],
         model: nn.Module | None = None,
         text: bool = True,
+        dtype: str = "auto",
     ) -> Iterator[list[StepOutput]]:
         """Decode ``requests`` together; yield one :class:`StepOutput` per request per step
         until every request has finished (a finished request's later outputs are empty and
@@ -259,7 +260,9 @@ class Sampler:
         ``model``: decode with this model (e.g. a soup merged into a copy of the base)
         instead, ignoring the requests' weights. ``text``: decode each row's text at every
         step (streaming); otherwise only rows with stop strings do, and the others are
-        decoded once when they finish.
+        decoded once when they finish. ``dtype``: ``float32``, ``bfloat16`` or ``auto``
+        (:func:`~psoups_ray.runtime.decoder.resolve_dtype`: bfloat16 where the hardware
+        computes it natively); the logits and the draw are float32 whatever it is.
         """
         if not requests:
             return
@@ -284,16 +287,13 @@ class Sampler:
         eos = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=device)
         mixing = self._mixing(requests, model)
         live = torch.arange(len(rows), device=device)  # the rows the model computes
-        forward = _Forward(model)
         with torch.no_grad(), mixing, _evaluating(model):
+            decoding = self._decoding(model, dtype)
             positions = position_ids_for(attention)
-            cache = preallocated_cache(model, input_ids.shape[1] + steps)
-            output, cache = forward(input_ids, attention, positions, cache, last_only=True)
-            compact = can_select_rows(cache)
+            raw = decoding.prefill(input_ids, attention, positions, input_ids.shape[1] + steps)
             for step in range(steps):
-                raw = output.logits[:, -1, :].float()  # (b, V)
                 computed = live.tolist()
-                logits = raw
+                logits = raw  # (b, V) float32
                 if settings.penalized:
                     if history is None:
                         history = TokenHistory([requests[i].prompt_ids for i in computed],
@@ -328,23 +328,35 @@ class Sampler:
                 yield outputs
                 if all(row.done for row in rows):
                     return
-                attention = torch.cat([attention, attention.new_ones(len(computed), 1)], dim=1)
                 positions = positions[:, -1:] + 1
-                if compact:
-                    still = torch.tensor([not rows[i].done for i in computed], device=device)
-                    keep = drop_finished_rows(cache, still)
-                    if keep is not None:
-                        attention, positions, tokens = (
-                            attention[keep],
-                            positions[keep],
-                            tokens[keep],
-                        )
-                        settings, live = settings.select(keep), live[keep]
-                        if history is not None:
-                            history.select(keep)
-                        if self.mixer is not None and model is self.model:
-                            self.mixer.select_rows(keep)
-                output, cache = forward(tokens.unsqueeze(1), attention, positions, cache)
+                still = torch.tensor([not rows[i].done for i in computed], device=device)
+                if decoding.can_select_rows and finished_enough(still):
+                    keep = still.nonzero().squeeze(1)
+                    decoding.select_rows(keep)
+                    positions, tokens = positions[keep], tokens[keep]
+                    settings, live = settings.select(keep), live[keep]
+                    if history is not None:
+                        history.select(keep)
+                    if self.mixer is not None and model is self.model:
+                        self.mixer.select_rows(keep)
+                raw = decoding.step(tokens, positions)
+
+    def _decoding(self, model: nn.Module, dtype: str):
+        """How ``model`` decodes a batch: the fast decoder where it reproduces the model
+        (:mod:`psoups_ray.runtime.decoder`), transformers' forward otherwise."""
+        device = self.device
+        model_dtype = next(model.parameters()).dtype
+        wanted = resolve_dtype(dtype, device, model_dtype)
+        decoder = decoder_for(model) if self.fast else "the sampler was asked for the generic path"
+        if isinstance(decoder, str):
+            if wanted != model_dtype:
+                raise PsoupsError(
+                    f"cannot decode in {wanted} (only the fast decoder can, and {decoder}); "
+                    f"use generation dtype float32 or the model's own dtype ({model_dtype})"
+                )
+            _note_generic(decoder)
+            return GenericDecoding(model)
+        return FastDecoding(decoder, wanted)
 
     @torch.no_grad()
     def prompt_logprobs(
@@ -452,29 +464,37 @@ def sample_texts(
         SampleRequest(ids, SamplingParams.from_spec(spec, row_seed(seed, index)))
         for index, ids in enumerate(sampler.encode(prompts))
     ]
-    return [c.text for c in sampler.complete(requests, spec.batch_size, on_batch)]
+    return [c.text for c in sampler.complete(requests, spec.batch_size, on_batch, dtype=spec.dtype)]
 
 
-class _Forward:
-    """``model``'s forward pass as the loop calls it, with the keywords it takes."""
+class FastDecoding:
+    """A batch decoded by a :class:`~psoups_ray.runtime.decoder.FastDecoder` in ``dtype``,
+    with :class:`~psoups_ray.runtime.cache.GenericDecoding`'s interface."""
 
-    def __init__(self, model: nn.Module):
-        self.model = model
-        parameters = inspect.signature(model.forward).parameters
-        self.cache_argument = cache_argument(model)
-        self.keeps_last = "logits_to_keep" in parameters
+    can_select_rows = True
 
-    def __call__(self, input_ids, attention_mask, positions, cache, last_only: bool = False):
-        """(output, cache): a model that takes no ``Cache`` objects makes its own."""
-        output = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            use_cache=True,
-            **({self.cache_argument: cache} if cache is not None else {}),
-            **({"logits_to_keep": 1} if last_only and self.keeps_last else {}),
-        )
-        return output, returned_cache(output) if cache is None else cache
+    def __init__(self, decoder: FastDecoder, dtype: torch.dtype):
+        self.decoder = decoder
+        self.dtype = dtype
+
+    def prefill(self, input_ids, attention_mask, position_ids, capacity: int) -> torch.Tensor:
+        return self.decoder.prefill(input_ids, attention_mask, position_ids, capacity, self.dtype)
+
+    def step(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.decoder.step(tokens, position_ids)
+
+    def select_rows(self, keep: torch.Tensor) -> None:
+        self.decoder.select_rows(keep)
+
+
+_generic_noted: set[str] = set()
+
+
+def _note_generic(reason: str) -> None:
+    """Say once per process and reason that a model decodes on the generic path."""
+    if reason not in _generic_noted:
+        _generic_noted.add(reason)
+        progress.note(f"sampler: transformers' forward decodes this model ({reason})")
 
 
 # Logits processors ``generate`` would take from a model's generation config, with the value

@@ -216,7 +216,8 @@ class SoupEngine:
         """
         if model is None and self.mixer is None and any(any(job.weights) for job in jobs):
             raise PsoupsError("a merged-strategy engine needs the merged model for a soup")
-        yield from self.sampler.stream([self.request_of(job) for job in jobs], model)
+        requests = [self.request_of(job) for job in jobs]
+        yield from self.sampler.stream(requests, model, dtype=self.sampling.dtype)
 
     def request_of(self, job: GenerationJob) -> SampleRequest:
         """The sampler's request for ``job``: its prompt's tokens, settings and weights."""
