@@ -217,7 +217,7 @@ class SoupEngine:
         if model is None and self.mixer is None and any(any(job.weights) for job in jobs):
             raise PsoupsError("a merged-strategy engine needs the merged model for a soup")
         requests = [self.request_of(job) for job in jobs]
-        yield from self.sampler.stream(requests, model, dtype=self.sampling.dtype)
+        yield from self.sampler.stream(requests, model, dtype=self.catalog.sampling.dtype)
 
     def request_of(self, job: GenerationJob) -> SampleRequest:
         """The sampler's request for ``job``: its prompt's tokens, settings and weights."""
