@@ -345,6 +345,7 @@ def test_finished_requests_leave_the_decoding_batch_and_the_others_decode_the_sa
     import torch
 
     from psoups_ray.prompting import format_prompt
+    from psoups_ray.runtime.decoder import decoder_for
     from psoups_ray.serve.engine import GenerationJob, SamplingParams, SoupEngine
 
     out, _ = served
@@ -363,15 +364,19 @@ def test_finished_requests_leave_the_decoding_batch_and_the_others_decode_the_sa
                 soups, [2, 3, 40, 6, 40], [1.0, 0.0, 1.0, 0.7, 1.0], [1, None, 2, 3, 4], strict=True
             )
         ]
-        batch_sizes: list[int] = []
-        hook = engine.model.register_forward_pre_hook(
-            lambda module, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]),
-            with_kwargs=True,
-        )
+        batch_sizes: list[int] = []  # the rows of each forward pass the decoder runs
+        decoder = decoder_for(engine.model)
+        forward = decoder._forward
+
+        def counted(ids, *args, **kwargs):
+            batch_sizes.append(ids.shape[0])
+            return forward(ids, *args, **kwargs)
+
+        decoder._forward = counted
         try:
             together = engine.generate(jobs)
         finally:
-            hook.remove()
+            del decoder._forward
         alone = [engine.generate([job])[0] for job in jobs]
         assert together == alone
         assert together[0]["completion_tokens"] <= 2 and together[1]["completion_tokens"] <= 3
