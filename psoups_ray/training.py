@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerState
+from transformers.trainer_utils import TrainOutput
 
 from psoups_ray import progress
 
@@ -88,6 +90,23 @@ def checkpoint_step(checkpoint_dir: str | None) -> int:
         return 0
     state = json.loads(Path(checkpoint_dir, "trainer_state.json").read_text())
     return int(state["global_step"])
+
+
+def train_from(trainer: Any, resume_from: str | None, max_steps: int) -> Any:
+    """``trainer.train()`` resumed from ``resume_from`` (a checkpoint or None); its
+    ``TrainOutput``.
+
+    A checkpoint of the run's last step means the run had finished: its weights and state
+    are loaded and nothing is trained. (transformers' Trainer, resumed there in the middle
+    of an epoch, takes one step past ``max_steps`` before it checks: a run killed after its
+    last checkpoint ended one step longer than the same run left alone.)"""
+    if resume_from is None or checkpoint_step(resume_from) < max_steps:
+        return trainer.train(resume_from_checkpoint=resume_from)
+    trainer._load_from_checkpoint(resume_from)
+    trainer.state = TrainerState.load_from_json(str(Path(resume_from, "trainer_state.json")))
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    mean_loss = statistics.fmean(losses) if losses else float("nan")
+    return TrainOutput(trainer.state.global_step, mean_loss, {"train_loss": mean_loss})
 
 
 def worker_node_id() -> str | None:

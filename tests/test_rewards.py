@@ -260,7 +260,7 @@ def test_killed_worker_and_killed_driver_resume_without_retraining(feedback_run,
     run = _copy(feedback_run, tmp_path)
     base_record = Manifest.load(RunDir(run)).stage("base")
     config_file = tmp_path / "rewards.yaml"  # the fixture's config: the same two dimensions
-    config = _config("rewards.steps=30", "rewards.checkpoint_every=4", "ray.num_cpus=2")
+    config = _config("rewards.steps=16", "rewards.checkpoint_every=4", "ray.num_cpus=2")
     config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     command = [
         sys.executable, "-m", "psoups_ray", "run", "--config", str(config_file),
@@ -304,7 +304,7 @@ def test_killed_worker_and_killed_driver_resume_without_retraining(feedback_run,
     rewards = {
         pole: record["metrics"]["train"] for pole, record in manifest.data["rewards"].items()
     }
-    assert sorted(rewards) == POLES and all(m["steps"] == 30 for m in rewards.values())
+    assert sorted(rewards) == POLES and all(m["steps"] == 16 for m in rewards.values())
     # Every run unfinished at the kill restarts from the newest checkpoint it had: it
     # repeats fewer steps than the checkpoint interval.
     resumed = {pole: m["resumed_from_step"] for pole, m in rewards.items() if m["resumed"]}

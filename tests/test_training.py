@@ -18,7 +18,7 @@ from psoups_ray.rewards.train import LengthSortedRewardTrainer, lora_config
 from psoups_ray.rundir import RunDir
 from psoups_ray.runtime.loading import load_tokenizer
 from psoups_ray.runtime.rewards import score_right_padded
-from psoups_ray.training import length_sorted_groups, select_rows
+from psoups_ray.training import length_sorted_groups, select_rows, train_from
 
 
 def test_groups_sort_by_length_and_rows_keep_their_tensors():
@@ -84,6 +84,49 @@ def test_sft_micro_batches_take_the_same_steps_as_whole_batches(tmp_path):
         moved = (weight - initial[name]).abs().max()
         assert moved > 0, name  # every parameter trained
         torch.testing.assert_close(micro[name], weight, rtol=1e-5, atol=1e-6 * float(moved) + 1e-7)
+
+
+def test_a_run_resumed_from_its_last_checkpoint_trains_no_further(tmp_path):
+    """Resumed from its last step's checkpoint, a run only loads it (transformers' Trainer
+    would take one step past max_steps); from an earlier one it trains the steps left."""
+    # Four batches an epoch, three steps: the epoch is not over at the last checkpoint.
+    config = load_config("tiny", ["base.sft.num_examples=48", "base.sft.batch_size=12"])
+    rundir = RunDir(str(tmp_path / "run"))
+    job = prepare_tiny_sft(config, rundir)
+    tokenizer = load_tokenizer(str(rundir.local_dir(job.tokenizer_relpath)))
+    rows = Dataset.from_list(
+        [json.loads(line) for line in rundir.read_text(job.data_relpath).splitlines()]
+    )
+
+    def trainer(out: str, seed: int) -> CountingSFTTrainer:
+        args = sft._training_args(job, str(tmp_path / out))
+        args.max_steps, args.save_strategy, args.save_steps, args.logging_steps = 3, "steps", 1, 1
+        args.save_total_limit = None  # keep checkpoint-2 too
+        made = CountingSFTTrainer(
+            model=build_tiny_model(config.base.tiny, tokenizer, seed=seed),
+            args=args,
+            train_dataset=rows,
+            processing_class=tokenizer,
+        )
+        made.passes = []
+        return made
+
+    first = trainer("first", seed=0)
+    first.train()
+    trained = {n: p.detach().clone() for n, p in first.model.named_parameters()}
+    losses = [entry["loss"] for entry in first.state.log_history if "loss" in entry]
+
+    finished = trainer("finished", seed=1)  # other initial weights: the checkpoint's must win
+    output = train_from(finished, str(tmp_path / "first" / "checkpoint-3"), 3)
+    assert finished.passes == [] and finished.state.global_step == output.global_step == 3
+    assert output.training_loss == pytest.approx(sum(losses) / len(losses))
+    for name, weight in finished.model.named_parameters():
+        torch.testing.assert_close(weight, trained[name])
+
+    resumed = trainer("resumed", seed=1)
+    output = train_from(resumed, str(tmp_path / "first" / "checkpoint-2"), 3)
+    assert resumed.passes == [12] and output.global_step == 3
+    assert train_from(trainer("fresh", seed=0), None, 3).global_step == 3
 
 
 class CountingRewardTrainer(LengthSortedRewardTrainer):

@@ -34,6 +34,7 @@ from psoups_ray.training import (
     length_sorted_groups,
     restore_ray_checkpoint,
     select_rows,
+    train_from,
     trainer_kwargs,
 )
 
@@ -139,7 +140,7 @@ def run_sft(job: SFTJob, *, under_ray: bool = False) -> dict[str, Any]:
 
             trainer = prepare_trainer(trainer)
         started = time.monotonic()
-        output = trainer.train(resume_from_checkpoint=resume_from)
+        output = train_from(trainer, resume_from, job.base.sft.steps)
         train_seconds = time.monotonic() - started
 
         final_dir = Path(workdir, "final")

@@ -41,6 +41,7 @@ from psoups_ray.training import (
     restore_ray_checkpoint,
     select_rows,
     threads_for_worker,
+    train_from,
     trainer_kwargs,
     worker_node_id,
 )
@@ -196,7 +197,7 @@ def run_reward_training(job: RewardJob, *, under_ray: bool = False) -> dict[str,
 
             trainer = prepare_trainer(trainer)
         started_at = time.time()
-        output = trainer.train(resume_from_checkpoint=resume_from)
+        output = train_from(trainer, resume_from, spec.steps)
         finished_at = time.time()
 
         adapter_dir = Path(workdir, "adapter")
