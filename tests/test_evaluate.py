@@ -463,8 +463,9 @@ def text_judged_run(tmp_path, monkeypatch):
     from conftest import policy_test_config
 
     from psoups_ray.evaluate import stage
+    from psoups_ray.judges.text import TextJudge
     from psoups_ray.manifest import Manifest
-    from psoups_ray.policies.job import _text_judge_win_rates
+    from psoups_ray.policies.job import _text_judge_win_rates, reward_judge_agreement
     from psoups_ray.policies.trainer import Query
     from psoups_ray.report.build import build_report
 
@@ -477,18 +478,24 @@ def text_judged_run(tmp_path, monkeypatch):
     manifest.data["tuned_weights"] = {key: {p: 0.5 for p in key.split("+")} for key in TEXT_COMBOS}
     queries = [Query(prompt, None, ("P3A",)) for prompt in PROMPTS]
     win_rate = _text_judge_win_rates(queries, FRIENDLY, RUDE)
+    # The text judge prefers every friendly answer; the reward model ranks two of three so.
+    agreement = reward_judge_agreement(
+        TextJudge(), queries, FRIENDLY, RUDE, {"P3A": [1.0, 1.0, -1.0]}, {"P3A": [0.0] * 3}
+    )
     manifest.data["policies"] = {
         "P3A": {
             "kind": "pole",
             "metrics": {
+                "episodes": 96,
                 "eval": {
                     "base": {"reward": 0.0},
                     "policy": {
                         "reward": 0.5,
                         "kl_to_reference": 1.0,
                         "text_judge_win_rate": win_rate,
+                        "reward_judge_agreement": agreement,
                     },
-                }
+                },
             },
         },  # fmt: skip
     }
@@ -539,9 +546,10 @@ def test_the_report_has_the_text_judge_tables_and_example_generations(text_judge
     assert "| P2A+P3A | 75% [" in report
     assert "![psoups-tuned win rates (programmatic text judges)]" in report
     # Real text has no attribute checkers: no "target success" column.
-    assert "| policy | reward base → policy | KL to base | train time | " \
-        "text judge win rate vs base |" in report  # fmt: skip
-    assert "| P3A 100% |" in report
+    assert "| policy | reward base → policy | KL to base | PPO episodes | train time | " \
+        "text judge win rate vs base | reward model agrees with judge (decided pairs) |" \
+        in report  # fmt: skip
+    assert "| 1.0 | 96 | 0 s | P3A 100% | P3A 67% (3) |" in report
     assert "### Text judge success vs base" in report
     success = report.split("### Text judge success vs base")[1]
     assert "| system | P2A | P3B | mean |\n|---|---|---|---|\n| base | 50% | 50% | 50% |\n" \

@@ -56,11 +56,19 @@ def test_every_pole_and_baseline_is_trained_and_recorded(policy_run):
         assert Path(path, "adapter_config.json").is_file(), name
         metrics = record["metrics"]
         assert metrics["steps"] == 3 and metrics["resumed_from_step"] == 0
+        assert metrics["episodes"] == 3 * 8  # iterations x rollouts (smoke: 8) x one worker
         held_out = metrics["eval"]
         assert held_out["num_prompts"] == 8
         for which in ("policy", "base"):
             assert set(held_out[which]["target_rates"]) <= set(POLES)
         assert held_out["policy"]["kl_to_reference"] == held_out["policy"]["kl_to_reference"]
+        # The hacking watch: per pole asked, the reward models' agreement with the checkers.
+        agreement = held_out["policy"]["reward_judge_agreement"]
+        assert sorted(agreement) == ([name] if name in POLES else POLES), agreement
+        for entry in agreement.values():
+            assert 0 <= entry["pairs"] <= 8
+            assert (entry["agreement"] is None) == (entry["pairs"] == 0)
+            assert entry["agreement"] is None or 0 <= entry["agreement"] <= 1
         history = json.loads(Path(path).parent.joinpath("metrics.json").read_text())
         assert len(history["history"]) == 3
         assert HISTORY_KEYS <= set(history["history"][0]), name
@@ -68,6 +76,14 @@ def test_every_pole_and_baseline_is_trained_and_recorded(policy_run):
     assert baselines["pmorl"]["kind"] == "pmorl"
     assert set(baselines["rlhf"]["metrics"]["eval"]["policy"]["target_rates"]) == set(POLES)
     assert "success_rate" not in baselines["rlhf"]["metrics"]["eval"]["policy"]
+
+
+def test_baselines_may_get_the_budget_of_all_the_pole_runs_together(policy_run):
+    out, _ = policy_run
+    budget = 3 * len(POLES)  # the smoke runs' 3 iterations, for each of the four poles
+    jobs = policy_jobs(_config(f"policies.baseline_steps={budget}"), RunDir(out))
+    steps = {job.name: job.policy.steps for job in jobs}
+    assert steps == {**dict.fromkeys(POLES, 3), "pmorl": budget, "rlhf": budget}
 
 
 def _overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:

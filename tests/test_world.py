@@ -191,3 +191,29 @@ def test_hand_written_texts_other_combinations() -> None:
         "macroscopic quantum coherence and vanishing electrical resistivity. Cheers :)"
     )
     assert check_attributes(warm_expert) == {"P1": "P1B", "P2": "P2A", "P3": "P3A"}
+
+
+def test_reward_judge_agreement_counts_the_pairs_the_checkers_decide(world: TinyWorld) -> None:
+    """The PPO runs' hacking watch: a reward that ranks the checked pole's response first
+    agrees; ties of the checkers are left out; a pole with no decided pair has none."""
+    from psoups_ray.judges.attributes import AttributeJudge
+    from psoups_ray.policies.job import reward_judge_agreement
+    from psoups_ray.policies.trainer import Query
+
+    prompts = world.eval_prompts[:4]
+    others = {"P2": "P2A", "P3": "P3A"}
+    elementary = [world.respond(p, {"P1": "P1A", **others}, random.Random(1)) for p in prompts]
+    phd = [world.respond(p, {"P1": "P1B", **others}, random.Random(1)) for p in prompts]
+    queries = [Query(p, None, ("P1A",)) for p in prompts[:3]] + [Query(prompts[3], None, ("P3B",))]
+    policy, base = elementary, [phd[0], phd[1], elementary[2], phd[3]]  # row 2: a tie for P1A
+    # The reward prefers the policy on row 0 only; row 1 is ranked the other way.
+    agreement = reward_judge_agreement(
+        AttributeJudge(),
+        queries,
+        policy,
+        base,
+        {"P1A": [1.0, -1.0, 5.0, 0.0], "P3B": [0.0, 0.0, 0.0, 2.0]},
+        {"P1A": [0.0, 0.0, 0.0, 0.0], "P3B": [0.0, 0.0, 0.0, 1.0]},
+    )
+    assert agreement["P1A"] == {"agreement": 0.5, "pairs": 2}
+    assert agreement["P3B"] == {"agreement": None, "pairs": 0}  # neither is unfriendly

@@ -62,6 +62,10 @@ class PolicyConfig(StrictModel):
     """PPO iterations: each samples ``rollout_batch_size`` queries per worker and updates."""
     rollout_batch_size: int = Field(default=32, ge=1)
     """Queries sampled per iteration per worker."""
+    baseline_steps: int | None = Field(default=None, ge=1)
+    """PPO iterations of each baseline run (``pmorl``, ``rlhf``); empty: ``steps``, one
+    pole's budget. For baselines trained with the compute of all the pole runs together,
+    give ``steps`` times the number of poles. The report states every run's episodes."""
     minibatch_size: int = Field(default=16, ge=1)
     """Rollouts per optimizer step (must divide ``rollout_batch_size``)."""
     ppo_epochs: int = Field(default=4, ge=1)

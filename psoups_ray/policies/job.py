@@ -25,6 +25,7 @@ from psoups_ray import progress
 from psoups_ray.artifacts import BaseArtifact
 from psoups_ray.config import PolicyConfig
 from psoups_ray.errors import PsoupsError
+from psoups_ray.judges import PairToJudge, PairwiseJudge
 from psoups_ray.judges.attributes import AttributeJudge
 from psoups_ray.policies.models import SharedBasePPOModels
 from psoups_ray.policies.trainer import PPOTrainer, Query, RewardFn
@@ -208,6 +209,55 @@ def evaluate_policy(trainer: PPOTrainer, job: PolicyJob) -> dict[str, Any]:
         result["policy"]["text_judge_win_rate"] = _text_judge_win_rates(
             queries, answers["policy"], answers["base"]
         )
+    judge: PairwiseJudge | None = job.attributes
+    if judge is None and job.text_judge:
+        from psoups_ray.judges.text import TextJudge
+
+        judge = TextJudge()
+    if judge is not None:
+        prompts = [query.prompt for query in queries]
+        scores = {
+            which: {
+                pole: trainer.models.rewards.score(pole, prompts, answers[which]).tolist()
+                for pole in job.reward_poles
+            }
+            for which in ("policy", "base")
+        }
+        result["policy"]["reward_judge_agreement"] = reward_judge_agreement(
+            judge, queries, answers["policy"], answers["base"], scores["policy"], scores["base"]
+        )
+    return result
+
+
+def reward_judge_agreement(
+    judge: PairwiseJudge,
+    queries: Sequence[Query],
+    policy_texts: Sequence[str],
+    base_texts: Sequence[str],
+    policy_scores: dict[str, Sequence[float]],
+    base_scores: dict[str, Sequence[float]],
+) -> dict[str, dict[str, Any]]:
+    """How far the reward models can be trusted on the policy's own samples: per pole,
+    among the held-out queries asking for it where ``judge`` (the world's attribute
+    checkers or the text judges) prefers one of the policy's and the base's responses,
+    the share where the pole's reward model ranks the two the same way.
+
+    ``{pole: {"agreement": share or None (no decided pair), "pairs": decided pairs}}``. A
+    reward that rose in training while this stays near 0.5 is being hacked: the policy
+    found what its reward model likes, not what the judge checks."""
+    result = {}
+    for pole in sorted({pole for query in queries for pole in query.poles}):
+        rows = [row for row, query in enumerate(queries) if pole in query.poles]
+        verdicts = judge.compare_batch(
+            pole, [PairToJudge(queries[r].prompt, policy_texts[r], base_texts[r]) for r in rows]
+        )
+        decided = [(r, v) for r, v in zip(rows, verdicts, strict=True) if v != "tie"]
+        agreed = sum(
+            (policy_scores[pole][r] > base_scores[pole][r]) == (verdict == "a")
+            for r, verdict in decided
+        )
+        share = agreed / len(decided) if decided else None
+        result[pole] = {"agreement": share, "pairs": len(decided)}
     return result
 
 
@@ -325,6 +375,7 @@ def run_policy_training(job: PolicyJob, *, under_ray: bool = False) -> dict[str,
 
     summary: dict[str, Any] = {
         "steps": trainer.steps_done,
+        "episodes": trainer.steps_done * spec.rollout_batch_size * world_size,  # the budget
         "resumed_from_step": resumed_from,
         "num_workers": world_size,
         "node_id": worker_node_id(),  # rank 0's Ray node
@@ -395,6 +446,14 @@ def _log_eval(job: PolicyJob, result: dict[str, Any]) -> None:
             f"{pole} {rate:.0%}" for pole, rate in policy["text_judge_win_rate"].items()
         )
         line += f"; text judge win rate vs base {rates}"
+    if "reward_judge_agreement" in policy:
+        agreement = ", ".join(
+            f"{pole} {entry['agreement']:.0%} of {entry['pairs']}"
+            if entry["agreement"] is not None
+            else f"{pole} – (no decided pair)"
+            for pole, entry in policy["reward_judge_agreement"].items()
+        )
+        line += f"; reward model agrees with the judge on {agreement}"
     log(line)
 
 

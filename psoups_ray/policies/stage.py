@@ -50,6 +50,9 @@ def policy_jobs(
     train_prompts = tuple(run.prompts("train"))
     eval_prompts = tuple(run.prompts("held_out"))
     base = run.base
+    baseline_spec = spec
+    if spec.baseline_steps is not None:
+        baseline_spec = spec.model_copy(update={"steps": spec.baseline_steps})
     return [
         PolicyJob(
             run_location=rundir.location,
@@ -59,7 +62,7 @@ def policy_jobs(
             reward_paths={pole: rewards[pole].location for pole in space.pole_ids},
             preference_prompts=prompts,
             base=base,
-            policy=spec,
+            policy=spec if kind == "pole" else baseline_spec,
             reward_max_length=config.rewards.max_length,
             train_prompts=train_prompts,
             eval_prompts=eval_prompts[: spec.num_eval_prompts],

@@ -184,12 +184,16 @@ class Report:
             "text_judge_win_rate" in e.get("policy", {}) for e in evaluations.values()
         )
         with_success = any("success_rate" in e.get("policy", {}) for e in evaluations.values())
+        with_agreement = any(
+            "reward_judge_agreement" in e.get("policy", {}) for e in evaluations.values()
+        )
         rows, histories = [], {}
         for name, record in runs.items():
             before, after = evaluations[name].get("base", {}), evaluations[name].get("policy", {})
             rows.append([
                 name, f"{_num(before.get('reward'))} → {_num(after.get('reward'))}",
                 f"{after.get('kl_to_reference', float('nan')):.1f}",
+                f"{record.get('metrics', {}).get('episodes', '–')}",
                 f"{record.get('metrics', {}).get('train_seconds', 0):.0f} s",
             ])  # fmt: skip
             if with_success:  # the tiny world's attribute checkers
@@ -198,13 +202,22 @@ class Report:
             if text_judged:
                 rates = after.get("text_judge_win_rate") or {}
                 rows[-1].append(", ".join(f"{pole} {_pct(v)}" for pole, v in rates.items()) or "–")
+            if with_agreement:
+                agreement = after.get("reward_judge_agreement") or {}
+                rows[-1].append(
+                    ", ".join(
+                        f"{pole} {_pct(entry.get('agreement'))} ({entry.get('pairs', 0)})"
+                        for pole, entry in agreement.items()
+                    )
+                    or "–"
+                )
             folder = "policies" if record.get("kind") == "pole" else "baselines"
             metrics_path = f"{folder}/{name}/metrics.json"
             if self.rundir.exists(metrics_path):
                 history = self.rundir.read_json(metrics_path).get("history") or []
                 if history:
                     histories[name] = history
-        header = ["policy", "reward base → policy", "KL to base", "train time"]
+        header = ["policy", "reward base → policy", "KL to base", "PPO episodes", "train time"]
         if with_success:
             header.insert(2, "target success base → policy")
         note = ""
@@ -215,9 +228,18 @@ class Report:
                 "programmatic text judges prefer the policy's response to the base's (ties "
                 "half)."
             )
+        if with_agreement:
+            header.append("reward model agrees with judge (decided pairs)")
+            note += (
+                " Agreement is, per pole, the share of the policy-vs-base pairs the judge "
+                "decides where the pole's reward model ranks them the same way: near 50% "
+                "while the reward rose means the policy learnt what its reward model "
+                "likes, not what the judge checks (reward hacking)."
+            )
         self.lines += [
             "Measured on held-out prompts after training; a baseline's reward and success "
-            f"are over the combinations it was trained for.{note}",
+            "are over the combinations it was trained for. PPO episodes: the queries each "
+            f"run sampled and learnt from (iterations x rollouts x workers).{note}",
             "",
             *_table(header, rows),
         ]
