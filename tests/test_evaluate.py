@@ -441,7 +441,8 @@ def test_the_text_judge_decides_criterion_by_criterion():
 
 
 def test_a_policys_text_judge_win_rate_is_per_pole_over_the_queries_asking_for_it():
-    from psoups_ray.policies.job import _text_judge_win_rates
+    from psoups_ray.judges.text import TextJudge
+    from psoups_ray.policies.job import pole_verdicts, win_rates
     from psoups_ray.policies.trainer import Query
 
     queries = [  # like the rlhf baseline's: the first asks for both style poles
@@ -451,7 +452,8 @@ def test_a_policys_text_judge_win_rate_is_per_pole_over_the_queries_asking_for_i
     ]
     policy = [FRIENDLY[0], FRIENDLY[1], RUDE[2]]
     # P3A: friendly beats rude twice; P3B: rude wins the first query, the third ties
-    assert _text_judge_win_rates(queries, policy, RUDE) == {"P3A": 1.0, "P3B": 0.25}
+    verdicts = pole_verdicts(TextJudge(), queries, policy, RUDE)
+    assert win_rates(verdicts) == {"P3A": 1.0, "P3B": 0.25}
 
 
 @pytest.fixture
@@ -465,7 +467,7 @@ def text_judged_run(tmp_path, monkeypatch):
     from psoups_ray.evaluate import stage
     from psoups_ray.judges.text import TextJudge
     from psoups_ray.manifest import Manifest
-    from psoups_ray.policies.job import _text_judge_win_rates, reward_judge_agreement
+    from psoups_ray.policies.job import pole_verdicts, reward_judge_agreement, win_rates
     from psoups_ray.policies.trainer import Query
     from psoups_ray.report.build import build_report
 
@@ -477,11 +479,10 @@ def text_judged_run(tmp_path, monkeypatch):
     manifest = Manifest.open(rundir, config.model_dump(mode="json"), config.space.to_dict())
     manifest.data["tuned_weights"] = {key: {p: 0.5 for p in key.split("+")} for key in TEXT_COMBOS}
     queries = [Query(prompt, None, ("P3A",)) for prompt in PROMPTS]
-    win_rate = _text_judge_win_rates(queries, FRIENDLY, RUDE)
+    verdicts = pole_verdicts(TextJudge(), queries, FRIENDLY, RUDE)
+    win_rate = win_rates(verdicts)
     # The text judge prefers every friendly answer; the reward model ranks two of three so.
-    agreement = reward_judge_agreement(
-        TextJudge(), queries, FRIENDLY, RUDE, {"P3A": [1.0, 1.0, -1.0]}, {"P3A": [0.0] * 3}
-    )
+    agreement = reward_judge_agreement(verdicts, {"P3A": [1.0, 1.0, -1.0]}, {"P3A": [0.0] * 3})
     manifest.data["policies"] = {
         "P3A": {
             "kind": "pole",

@@ -197,7 +197,7 @@ def test_reward_judge_agreement_counts_the_pairs_the_checkers_decide(world: Tiny
     """The PPO runs' hacking watch: a reward that ranks the checked pole's response first
     agrees; ties of the checkers are left out; a pole with no decided pair has none."""
     from psoups_ray.judges.attributes import AttributeJudge
-    from psoups_ray.policies.job import reward_judge_agreement
+    from psoups_ray.policies.job import pole_verdicts, reward_judge_agreement
     from psoups_ray.policies.trainer import Query
 
     prompts = world.eval_prompts[:4]
@@ -208,10 +208,7 @@ def test_reward_judge_agreement_counts_the_pairs_the_checkers_decide(world: Tiny
     policy, base = elementary, [phd[0], phd[1], elementary[2], phd[3]]  # row 2: a tie for P1A
     # The reward prefers the policy on row 0 only; row 1 is ranked the other way.
     agreement = reward_judge_agreement(
-        AttributeJudge(),
-        queries,
-        policy,
-        base,
+        pole_verdicts(AttributeJudge(), queries, policy, base),
         {"P1A": [1.0, -1.0, 5.0, 0.0], "P3B": [0.0, 0.0, 0.0, 2.0]},
         {"P1A": [0.0, 0.0, 0.0, 0.0], "P3B": [0.0, 0.0, 0.0, 1.0]},
     )

@@ -25,7 +25,7 @@ from psoups_ray import progress
 from psoups_ray.artifacts import BaseArtifact
 from psoups_ray.config import PolicyConfig
 from psoups_ray.errors import PsoupsError
-from psoups_ray.judges import PairToJudge, PairwiseJudge
+from psoups_ray.judges import PairToJudge, PairwiseJudge, Verdict
 from psoups_ray.judges.attributes import AttributeJudge
 from psoups_ray.policies.models import SharedBasePPOModels
 from psoups_ray.policies.trainer import PPOTrainer, Query, RewardFn
@@ -146,7 +146,8 @@ def evaluate_policy(trainer: PPOTrainer, job: PolicyJob) -> dict[str, Any]:
     normalised reward of both, the policy's mean per-sequence KL to the reference on its
     own samples, with the tiny world the attribute rates (per pole, among the samples
     whose query asked for it, and over all samples) and with ``job.text_judge`` the
-    policy's ``text_judge_win_rate`` against the base (:func:`_text_judge_win_rates`).
+    policy's ``text_judge_win_rate`` against the base (:func:`pole_verdicts`), and with
+    either judge the reward models' agreement with it (:func:`reward_judge_agreement`).
     """
     spec = job.policy.eval_generation
     kinds = [job.episodes[i % len(job.episodes)] for i in range(len(job.eval_prompts))]
@@ -205,16 +206,15 @@ def evaluate_policy(trainer: PPOTrainer, job: PolicyJob) -> dict[str, Any]:
             }
             for q, t in list(zip(queries, texts, strict=True))[:8]
         )
+    verdicts = None
     if job.text_judge:
-        result["policy"]["text_judge_win_rate"] = _text_judge_win_rates(
-            queries, answers["policy"], answers["base"]
-        )
-    judge: PairwiseJudge | None = job.attributes
-    if judge is None and job.text_judge:
         from psoups_ray.judges.text import TextJudge
 
-        judge = TextJudge()
-    if judge is not None:
+        verdicts = pole_verdicts(TextJudge(), queries, answers["policy"], answers["base"])
+        result["policy"]["text_judge_win_rate"] = win_rates(verdicts)
+    if job.attributes is not None:  # the world's own checkers, where it has them
+        verdicts = pole_verdicts(job.attributes, queries, answers["policy"], answers["base"])
+    if verdicts is not None:
         prompts = [query.prompt for query in queries]
         scores = {
             which: {
@@ -224,62 +224,61 @@ def evaluate_policy(trainer: PPOTrainer, job: PolicyJob) -> dict[str, Any]:
             for which in ("policy", "base")
         }
         result["policy"]["reward_judge_agreement"] = reward_judge_agreement(
-            judge, queries, answers["policy"], answers["base"], scores["policy"], scores["base"]
+            verdicts, scores["policy"], scores["base"]
         )
     return result
 
 
-def reward_judge_agreement(
+def pole_verdicts(
     judge: PairwiseJudge,
     queries: Sequence[Query],
     policy_texts: Sequence[str],
     base_texts: Sequence[str],
+) -> dict[str, list[tuple[int, Verdict]]]:
+    """Per pole, ``(row, verdict)`` for every query asking for it: ``judge``'s comparison of
+    the policy's response (``"a"``) with the base's (``"b"``). Both answered the same query
+    with the same seed, so the comparison is paired."""
+    verdicts = {}
+    for pole in sorted({pole for query in queries for pole in query.poles}):
+        rows = [row for row, query in enumerate(queries) if pole in query.poles]
+        pairs = [PairToJudge(queries[r].prompt, policy_texts[r], base_texts[r]) for r in rows]
+        verdicts[pole] = list(zip(rows, judge.compare_batch(pole, pairs), strict=True))
+    return verdicts
+
+
+def reward_judge_agreement(
+    verdicts: dict[str, list[tuple[int, Verdict]]],
     policy_scores: dict[str, Sequence[float]],
     base_scores: dict[str, Sequence[float]],
 ) -> dict[str, dict[str, Any]]:
     """How far the reward models can be trusted on the policy's own samples: per pole,
-    among the held-out queries asking for it where ``judge`` (the world's attribute
-    checkers or the text judges) prefers one of the policy's and the base's responses,
-    the share where the pole's reward model ranks the two the same way.
+    among the pairs where the judge (:func:`pole_verdicts`: the world's attribute checkers
+    or the text judges) prefers one of the policy's and the base's responses, the share
+    where the pole's reward model ranks the two the same way.
 
     ``{pole: {"agreement": share or None (no decided pair), "pairs": decided pairs}}``. A
     reward that rose in training while this stays near 0.5 is being hacked: the policy
     found what its reward model likes, not what the judge checks."""
     result = {}
-    for pole in sorted({pole for query in queries for pole in query.poles}):
-        rows = [row for row, query in enumerate(queries) if pole in query.poles]
-        verdicts = judge.compare_batch(
-            pole, [PairToJudge(queries[r].prompt, policy_texts[r], base_texts[r]) for r in rows]
-        )
-        decided = [(r, v) for r, v in zip(rows, verdicts, strict=True) if v != "tie"]
+    for pole, judged in verdicts.items():
+        decided = [(row, verdict) for row, verdict in judged if verdict != "tie"]
         agreed = sum(
-            (policy_scores[pole][r] > base_scores[pole][r]) == (verdict == "a")
-            for r, verdict in decided
+            (policy_scores[pole][row] > base_scores[pole][row]) == (verdict == "a")
+            for row, verdict in decided
         )
         share = agreed / len(decided) if decided else None
         result[pole] = {"agreement": share, "pairs": len(decided)}
     return result
 
 
-def _text_judge_win_rates(
-    queries: Sequence[Query], policy_texts: Sequence[str], base_texts: Sequence[str]
-) -> dict[str, float]:
-    """``{pole: share of the queries asking for the pole where the text judge prefers the
-    policy's response to the base's}``, ties half. Both answered the same query with the
-    same seed, so the comparison is paired."""
-    from psoups_ray.judges.text import TextJudge
-
-    judge = TextJudge()
+def win_rates(verdicts: dict[str, list[tuple[int, Verdict]]]) -> dict[str, float]:
+    """``{pole: share of the pairs where the judge prefers the policy's response}``, ties
+    half (the ``text_judge_win_rate`` against the base)."""
     points = {"a": 1.0, "tie": 0.5, "b": 0.0}
-    rates = {}
-    for pole in sorted({pole for query in queries for pole in query.poles}):
-        verdicts = [
-            points[judge.compare(pole, query.prompt, mine, theirs)]
-            for query, mine, theirs in zip(queries, policy_texts, base_texts, strict=True)
-            if pole in query.poles
-        ]
-        rates[pole] = sum(verdicts) / len(verdicts)
-    return rates
+    return {
+        pole: sum(points[verdict] for _, verdict in judged) / len(judged)
+        for pole, judged in verdicts.items()
+    }
 
 
 def _attribute_rates(
