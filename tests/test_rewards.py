@@ -10,17 +10,16 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import keep_dimensions
 from faults import ManifestWatcher, checkpoint_steps, train_workers_of
 
 from psoups_ray.artifacts import AdapterArtifact, RunArtifacts
-from psoups_ray.config import SMOKE_TEST_OVERRIDES, load_config
 from psoups_ray.manifest import Manifest
-from psoups_ray.pipeline import run_pipeline
+from psoups_ray.pipeline import STAGE_NAMES
 from psoups_ray.ray_utils import TorchRun, fit_torch_runs
 from psoups_ray.rewards import RewardScorer
 from psoups_ray.rewards.stage import reward_jobs
@@ -30,58 +29,40 @@ from psoups_ray.world import TinyWorld, check_attributes, exhibited_poles
 
 pytestmark = pytest.mark.integration
 
-# Two of the three dimensions keep the module short (P2's reward models are trained by the
-# session's policy run, see conftest.py).
-DIMENSIONS = ("P1", "P3")
-POLES = ["P1A", "P1B", "P3A", "P3B"]
+# The session's run (conftest.py) trains the reward models these tests check: P2 x P3 with
+# 200 pairs per pole and LoRA on every layer. Tests that train reward models of their own
+# start from a copy of it as it was after its feedback stage.
+POLES = ["P2A", "P2B", "P3A", "P3B"]
+LATER = ("rewards", "policies", "baselines")  # what the copy leaves out
 
 
 def _config(*overrides: str):
-    # 200 pairs per pole leave 20 held out, enough to read an accuracy off. LoRA on every
-    # layer: the tiny default adapts only the top 2 of 4, which reads the poles off the
-    # frozen layers below; the smoke base (20 SFT steps) has not learnt them there (P3A:
-    # held-out accuracy 0.65 after 30 steps), the default's 300-step base has (0.95-1.00).
-    config = load_config(
-        None,
-        [
-            *SMOKE_TEST_OVERRIDES,
-            "feedback.pairs_per_pole=200",
-            "rewards.steps=30",
-            "rewards.lora.top_layers=null",
-            *overrides,
-        ],
-    )
-    return keep_dimensions(config, DIMENSIONS)
+    from conftest import policy_test_config
+
+    return policy_test_config(*overrides)
 
 
-@pytest.fixture(scope="module")
-def feedback_run(ray_cluster, tmp_path_factory):
-    """A smoke run through base and feedback; tests copy it and train reward models on it."""
-    out = tmp_path_factory.mktemp("feedback") / "run"
-    run_pipeline(_config(), str(out), ["feedback"])
-    return out
-
-
-def _copy(run, tmp_path):
+def _feedback_copy(policy_run, tmp_path):
+    """A copy of the session's run as it was after its feedback stage: no reward models,
+    policies or Ray Train state of theirs, so a rewards stage starts from scratch."""
+    source, _ = policy_run
     target = tmp_path / "run"
-    shutil.copytree(run, target)
+
+    def later_outputs(directory, names):
+        inside = Path(directory).relative_to(source).parts
+        return [name for name in names if name in LATER] if inside in ((), ("ray",)) else []
+
+    shutil.copytree(source, target, ignore=later_outputs)
+    manifest = Manifest.load(RunDir(target))
+    manifest.invalidate(list(STAGE_NAMES[STAGE_NAMES.index("rewards") :]))
+    for section in LATER:
+        manifest.data.pop(section, None)
+    manifest.save()
     return target
 
 
-@pytest.fixture(scope="module")
-def rewarded_run(feedback_run, tmp_path_factory):
-    """Per-pole reward models on a copy of the feedback run, shared by the module's tests."""
-    out = _copy(feedback_run, tmp_path_factory.mktemp("rewards"))
-    manifest = run_pipeline(_config(), str(out), ["rewards"])
-    assert (
-        manifest.stage("base")["started_at"]
-        == Manifest.load(RunDir(feedback_run)).stage("base")["started_at"]
-    ), "the copied base should have been reused, not retrained"
-    return out, manifest
-
-
-def test_every_pole_gets_an_accurate_reward_model(rewarded_run):
-    _, manifest = rewarded_run
+def test_every_pole_gets_an_accurate_reward_model(policy_run):
+    _, manifest = policy_run
     rewards = manifest.data["rewards"]
     assert sorted(rewards) == POLES
     for pole in POLES:
@@ -97,8 +78,8 @@ def test_every_pole_gets_an_accurate_reward_model(rewarded_run):
     assert all(counts[pole]["train"] > 0 and counts[pole]["eval"] > 0 for pole in POLES)
 
 
-def test_the_runs_executed_concurrently(rewarded_run):
-    _, manifest = rewarded_run
+def test_the_runs_executed_concurrently(policy_run):
+    _, manifest = policy_run
     intervals = sorted(
         (m["metrics"]["train"]["started_at"], m["metrics"]["train"]["finished_at"])
         for m in manifest.data["rewards"].values()
@@ -112,8 +93,8 @@ def test_the_runs_executed_concurrently(rewarded_run):
     assert overlapping == 4, intervals
 
 
-def test_scorer_ranks_and_normalises(rewarded_run):
-    out, _ = rewarded_run
+def test_scorer_ranks_and_normalises(policy_run):
+    out, _ = policy_run
     scorer = RewardScorer.from_run(RunDir(out))
     world = TinyWorld(seed=0)
     pairs = world.preference_pairs("P3A", 40, seed=7, prompts=world.eval_prompts)
@@ -127,14 +108,14 @@ def test_scorer_ranks_and_normalises(rewarded_run):
     raw = scorer.score("P3A", prompts, [p.chosen for p in pairs], normalize=False)
     stats = scorer.statistics("P3A")
     assert torch.allclose(chosen, (raw - stats["score_mean"]) / stats["score_std"], atol=1e-5)
-    combo = scorer.score_combination(["P1A", "P3A"], prompts, [p.chosen for p in pairs])
-    expected = (scorer.score("P1A", prompts, [p.chosen for p in pairs]) + chosen) / 2
+    combo = scorer.score_combination(["P2A", "P3A"], prompts, [p.chosen for p in pairs])
+    expected = (scorer.score("P2A", prompts, [p.chosen for p in pairs]) + chosen) / 2
     assert torch.allclose(combo, expected, atol=1e-5)
 
 
-def test_reward_score_tracks_the_attribute_checker(rewarded_run):
+def test_reward_score_tracks_the_attribute_checker(policy_run):
     """On responses with random poles, each pole's reward separates texts that show it."""
-    out, _ = rewarded_run
+    out, _ = policy_run
     scorer = RewardScorer.from_run(RunDir(out))
     world = TinyWorld(seed=0)
     examples = world.sft_examples(120, seed=11)
@@ -149,8 +130,8 @@ def test_reward_score_tracks_the_attribute_checker(rewarded_run):
         assert auc >= 0.75 and correlation > 0.35, (pole, float(auc), float(correlation))
 
 
-def test_adapter_loads_with_plain_peft_and_transformers(rewarded_run):
-    out, manifest = rewarded_run
+def test_adapter_loads_with_plain_peft_and_transformers(policy_run):
+    out, manifest = policy_run
     adapter = manifest.rundir.resolve(manifest.data["rewards"]["P3A"]["path"])
     base = manifest.rundir.resolve(manifest.data["base"]["model_path"])
     script = textwrap.dedent(f"""
@@ -187,39 +168,9 @@ def test_adapter_loads_with_plain_peft_and_transformers(rewarded_run):
     assert float(ours[0]) == pytest.approx(good, abs=1e-4)
 
 
-def test_multitask_mode_trains_one_conditioned_model(feedback_run, tmp_path):
-    out = _copy(feedback_run, tmp_path)
-    # A few steps: this checks the multitask plumbing and the conditioning, not accuracy
-    # (one model learning every pole needs about as many steps as the per-pole runs together).
-    manifest = run_pipeline(
-        _config("rewards.mode=multitask", "rewards.steps=24"), str(out), ["rewards"]
-    )
-    rewards = manifest.data["rewards"]
-    assert sorted(rewards) == POLES
-    assert len({record["path"] for record in rewards.values()}) == 1
-    assert all(
-        record["conditioned"] and record["mode"] == "multitask" for record in rewards.values()
-    )
-    for pole in POLES:
-        metrics = rewards[pole]["metrics"]
-        assert metrics["pairs"] >= 20 and metrics["train"]["steps"] == 24
-        assert 0.0 <= metrics["accuracy"] <= 1.0
-    # The pole reaches the model through its input: the same response scores differently
-    # when the model is told a different pole. (How well the conditioned model orders each
-    # pole's pairs varies from run to run on the tiny world; it is recorded, not asserted.)
-    scorer = RewardScorer.from_run(RunDir(out))
-    world = TinyWorld(seed=0)
-    prompt = world.eval_prompts[0]
-    response = world.respond(prompt, {"P1": "P1A", "P2": "P2A", "P3": "P3A"}, random.Random(3))
-    raw = {
-        pole: float(scorer.score(pole, [prompt], [response], normalize=False)[0]) for pole in POLES
-    }
-    assert len({round(value, 4) for value in raw.values()}) == len(POLES), raw
-
-
-def test_deepspeed_zero2_on_cpu(feedback_run, tmp_path):
+def test_deepspeed_zero2_on_cpu(policy_run, tmp_path):
     """One pole's reward model trained by DeepSpeed ZeRO-2 (gloo) inside a Ray Train run."""
-    out = _copy(feedback_run, tmp_path)
+    out = _feedback_copy(policy_run, tmp_path)
     # 30 steps: at 20 the held-out accuracy landed anywhere in 0.85-0.95 across machines
     # (ZeRO-2's CPU reductions are not bit-reproducible across thread counts).
     config = _config("rewards.steps=30", "rewards.deepspeed.enabled=true")
@@ -227,40 +178,48 @@ def test_deepspeed_zero2_on_cpu(feedback_run, tmp_path):
     job = next(
         j
         for j in reward_jobs(config, RunArtifacts(rundir, Manifest.load(rundir).data))
-        if j.name == "P1B"
+        if j.name == "P2B"
     )
     fit_torch_runs(
-        [TorchRun(reward_train_loop, {"job": job}, config.rewards.resources, "rewards", "P1B")],
+        [TorchRun(reward_train_loop, {"job": job}, config.rewards.resources, "rewards", "P2B")],
         rundir,
     )
     metrics = rundir.read_json(job.metrics_relpath)
     assert metrics["deepspeed_stage"] == 2
-    assert metrics["eval"]["P1B"]["accuracy"] >= 0.85, metrics
+    assert metrics["eval"]["P2B"]["accuracy"] >= 0.85, metrics
     scorer = RewardScorer(
         job.base,
-        {"P1B": AdapterArtifact("P1B", "reward", rundir.uri(job.output_relpath))},
+        {"P2B": AdapterArtifact("P2B", "reward", rundir.uri(job.output_relpath))},
         job.preference_prompts,
         config.rewards.max_length,
     )
     world = TinyWorld(seed=0)
     prompt = world.eval_prompts[0]
     texts = [
-        world.respond(prompt, {"P1": pole, "P2": "P2A", "P3": "P3A"}, random.Random(5))
-        for pole in ("P1B", "P1A")
+        world.respond(prompt, {"P1": "P1A", "P2": pole, "P3": "P3A"}, random.Random(5))
+        for pole in ("P2B", "P2A")
     ]
-    scores = scorer.score("P1B", [prompt] * 2, texts)
-    assert scores[0] > scores[1]  # the PhD-level answer outscores the elementary one
+    scores = scorer.score("P2B", [prompt] * 2, texts)
+    assert scores[0] > scores[1]  # the informative answer outscores the concise one
 
 
-def test_killed_worker_and_killed_driver_resume_without_retraining(feedback_run, tmp_path):
-    """`psoups run` through the rewards stage: one reward run's worker is killed (Ray Train
-    restarts it from its checkpoint), then the driver itself; the same command again
-    resumes every unfinished run from its newest checkpoint and leaves the completed base
-    and feedback stages alone."""
-    run = _copy(feedback_run, tmp_path)
+def test_a_killed_multitask_run_and_killed_driver_resume_without_retraining(policy_run, tmp_path):
+    """`psoups run` through the rewards stage in multitask mode (one reward model
+    conditioned on the pole): its worker is killed (Ray Train restarts it from its
+    checkpoint), then the driver itself; the same command again resumes the run from its
+    newest checkpoint and leaves the completed base and feedback stages alone. (The policy
+    tests kill one of several concurrent per-pole runs.)"""
+    run = _feedback_copy(policy_run, tmp_path)
     base_record = Manifest.load(RunDir(run)).stage("base")
-    config_file = tmp_path / "rewards.yaml"  # the fixture's config: the same two dimensions
-    config = _config("rewards.steps=16", "rewards.checkpoint_every=4", "ray.num_cpus=2")
+    config_file = tmp_path / "rewards.yaml"  # the session run's config: the same two dimensions
+    # 24 steps, a checkpoint every 4: the restarted worker has 20 steps left when the
+    # driver is killed. This checks the multitask plumbing, the conditioning and the
+    # resumption, not accuracy (one model learning every pole needs about as many steps as
+    # the per-pole runs together).
+    config = _config(
+        "rewards.mode=multitask", "rewards.steps=24", "rewards.checkpoint_every=4",
+        "ray.num_cpus=2",
+    )  # fmt: skip
     config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     command = [
         sys.executable, "-m", "psoups_ray", "run", "--config", str(config_file),
@@ -276,7 +235,7 @@ def test_killed_worker_and_killed_driver_resume_without_retraining(feedback_run,
         )
     try:
         deadline = time.monotonic() + 300
-        while len(checkpoint_steps(run, "rewards")) < 4 and time.monotonic() < deadline:
+        while not checkpoint_steps(run, "rewards") and time.monotonic() < deadline:
             assert first.poll() is None, log.read_text()[-3000:]
             time.sleep(0.2)
         workers = train_workers_of(first.pid)
@@ -286,12 +245,12 @@ def test_killed_worker_and_killed_driver_resume_without_retraining(feedback_run,
             assert first.poll() is None, log.read_text()[-3000:]
             time.sleep(0.2)
         assert "resuming from checkpoint" in log.read_text(), "the killed run did not restart"
-        time.sleep(2)
+        time.sleep(1)
         newest = checkpoint_steps(run, "rewards")
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
-    assert not Manifest.load(RunDir(run)).is_complete("rewards")
+    assert not Manifest.load(RunDir(run)).is_complete("rewards"), "killed after it finished"
 
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     watcher.stopped.set()
@@ -301,13 +260,31 @@ def test_killed_worker_and_killed_driver_resume_without_retraining(feedback_run,
 
     manifest = Manifest.load(RunDir(run))
     assert manifest.stage("base") == base_record, "the completed base stage was redone"
-    rewards = {
-        pole: record["metrics"]["train"] for pole, record in manifest.data["rewards"].items()
+    rewards = manifest.data["rewards"]
+    assert sorted(rewards) == POLES
+    assert len({record["path"] for record in rewards.values()}) == 1
+    assert all(
+        record["conditioned"] and record["mode"] == "multitask" for record in rewards.values()
+    )
+    for pole in POLES:
+        metrics = rewards[pole]["metrics"]
+        assert metrics["pairs"] >= 20 and 0.0 <= metrics["accuracy"] <= 1.0
+    train = rewards["P2A"]["metrics"]["train"]
+    assert train["steps"] == 24
+    # The run restarts from the newest checkpoint it had at the kill: it repeats fewer
+    # steps than the checkpoint interval.
+    assert train["resumed"] and train["resumed_from_step"] >= newest["multitask"] > 0, (
+        train,
+        newest,
+    )
+    # The pole reaches the model through its input: the same response scores differently
+    # when the model is told a different pole. (How well the conditioned model orders each
+    # pole's pairs varies from run to run on the tiny world; it is recorded, not asserted.)
+    scorer = RewardScorer.from_run(RunDir(run))
+    world = TinyWorld(seed=0)
+    prompt = world.eval_prompts[0]
+    response = world.respond(prompt, {"P1": "P1A", "P2": "P2A", "P3": "P3A"}, random.Random(3))
+    raw = {
+        pole: float(scorer.score(pole, [prompt], [response], normalize=False)[0]) for pole in POLES
     }
-    assert sorted(rewards) == POLES and all(m["steps"] == 16 for m in rewards.values())
-    # Every run unfinished at the kill restarts from the newest checkpoint it had: it
-    # repeats fewer steps than the checkpoint interval.
-    resumed = {pole: m["resumed_from_step"] for pole, m in rewards.items() if m["resumed"]}
-    assert resumed, rewards
-    for pole, step in resumed.items():
-        assert step >= newest.get(pole, 0), (pole, step, newest)
+    assert len({round(value, 4) for value in raw.values()}) == len(POLES), raw
