@@ -226,11 +226,28 @@ def test_any_serve_config_reads_or_is_a_clear_error(tmp_path_factory, data):
     assert isinstance(args, dict) and isinstance(deployments, dict)
 
 
+def test_every_shipped_serve_config_has_valid_args_and_known_deployments():
+    from psoups_ray.serve.args import ServeArgs
+    from psoups_ray.serve.launch import read_serve_config
+
+    files = sorted((REPO / "serve_configs").glob("*.yaml"))
+    assert len(files) >= 2
+    for path in files:
+        args, deployments = read_serve_config(str(path))
+        settings = ServeArgs.model_validate(args)
+        assert settings.personal.enabled, path.name
+        assert set(deployments) == {"SoupModel", "Ingress", "PreferenceScorer"}, path.name
+
+
 def test_a_serve_config_with_a_key_twice_is_refused(tmp_path):
     from psoups_ray.serve.launch import read_serve_config
 
     args, deployments = read_serve_config(str(REPO / "serve_configs" / "tiny.yaml"))
-    assert args["strategy"] == "mixing" and set(deployments) == {"SoupModel", "Ingress"}
+    assert args["strategy"] == "mixing" and set(deployments) == {
+        "SoupModel",
+        "Ingress",
+        "PreferenceScorer",
+    }
     text = (REPO / "serve_configs" / "tiny.yaml").read_text()
     twice = tmp_path / "twice.yaml"
     twice.write_text(text.replace("      device: cpu\n", "      device: cpu\n      device: cuda\n"))

@@ -73,6 +73,22 @@ def test_tune_efficiency_benchmark_runs_both_searches(policy_run):
     assert "grid:   9 trials" in stdout and "(grid: 1, 2, 3)" in stdout
 
 
+def test_personal_soups_benchmark_simulates_users_on_the_run(policy_run, tmp_path):
+    out, _ = policy_run
+    stdout, ratios = run_bench(
+        "bench/personal_soups.py", "--run", str(out), "--smoke-test", "--out", str(tmp_path)
+    )
+    # P2 x P3 at step 1/2: 8 grid soups, 4 named ones and the base.
+    assert "bank: 13 soups (8 on the grid" in stdout
+    for name in ("active", "random", "active_table"):
+        assert 0 < ratios[f"{name}_share_at_10"] <= 2, ratios
+    assert 0 <= ratios["base_share"] <= 2 and 0 <= ratios["named_share"] <= 2
+    summary = json.loads((tmp_path / "personal_soups.json").read_text())
+    assert set(summary["share"]) == {"active", "random", "active+table"}
+    assert all(len(values) == 3 for values in summary["share"].values())  # 3 choices each
+    assert (tmp_path / "personal_soups.png").stat().st_size > 0
+
+
 def test_scaled_run_has_a_bigger_base_that_serves_the_same_soups_both_ways(policy_run, tmp_path):
     """bench/scaled_run.py: the serving benchmark's bigger base (random weights) loads in
     the serving engine, and its mixed soup equals the merged one."""

@@ -32,6 +32,7 @@ from psoups_ray.serve.args import ServeArgs
 from psoups_ray.serve.engine import SoupCatalog
 from psoups_ray.serve.ingress import Ingress
 from psoups_ray.serve.model import SoupModel
+from psoups_ray.serve.scorer import PreferenceScorer
 
 __all__ = ["Ingress", "ServeArgs", "SoupModel", "bind_app", "build_app"]
 
@@ -68,11 +69,37 @@ def bind_app(args: dict[str, Any], deployment_options: dict[str, dict] | None = 
                 f"auth_token_env is {settings.auth_token_env!r} but that environment variable "
                 "is empty or unset; export the token, or drop auth_token_env to serve without auth"
             )
+    scorer = None
+    if settings.personal.enabled:
+        _check_personal(settings, catalog)
     dumped = settings.model_dump()
     options = deployment_options or {}
-    unknown = sorted(set(options) - {"SoupModel", "Ingress"})
+    known = {"SoupModel", "Ingress", "PreferenceScorer"}
+    unknown = sorted(set(options) - known)
     if unknown:
-        raise PsoupsError(f"unknown deployment(s) {unknown}; the app has SoupModel and Ingress")
+        names = ", ".join(sorted(known))
+        raise PsoupsError(f"unknown deployment(s) {unknown}; the app has {names}")
+    if settings.personal.enabled:
+        scorer = PreferenceScorer.options(**options.get("PreferenceScorer", {})).bind(dumped)
     model = SoupModel.options(**options.get("SoupModel", {}))
     ingress = Ingress.options(**options.get("Ingress", {}))
-    return ingress.bind(model.bind(dumped), dumped, token)
+    return ingress.bind(model.bind(dumped), dumped, token, scorer)
+
+
+def _check_personal(settings: ServeArgs, catalog: SoupCatalog) -> None:
+    """Personal soups need every pole's reward model (their features) and a profile store
+    that opens; fail here, naming what to do, rather than in the replicas."""
+    from psoups_ray.personal.service import open_personal_soups
+
+    try:
+        catalog.run.check_loadable(catalog.run.model_set(catalog.baselines, rewards=True))
+        open_personal_soups(settings.personal, catalog).store.close()
+    except PsoupsError as exc:
+        raise PsoupsError(
+            f"personal soups: {exc}\n(serve without them: personal: {{enabled: false}} in the "
+            "serve args)"
+        ) from None
+    try:
+        catalog.resolve(settings.personal.default)
+    except PsoupsError as exc:
+        raise PsoupsError(f"personal.default: {exc}") from None

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from psoups_ray.personal.spec import PersonalSpec
+
 
 class ServeArgs(BaseModel):
     """The application's ``args`` (in the Serve YAML, or built by ``psoups serve``)."""
@@ -36,3 +38,5 @@ class ServeArgs(BaseModel):
     whether it declares its Content-Length or is sent chunked."""
     auth_token_env: str | None = None
     """Name of an environment variable holding the bearer token; empty: no auth."""
+    personal: PersonalSpec = PersonalSpec()
+    """Personal soups: each user's soup learned from the user's choices (``/v1/users``)."""

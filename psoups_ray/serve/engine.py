@@ -116,12 +116,13 @@ class SoupCatalog:
             )
         target = name[len(MODEL_PREFIX) :]
         if target.lower() == BASE_MODEL:
-            return Soup(BASE_MODEL, self._vector({}), "base")
+            return Soup(BASE_MODEL, self.vector({}), "base")
         if target.lower() in self.baselines:
-            return Soup(target.lower(), self._vector({target.lower(): 1.0}), "baseline")
+            return Soup(target.lower(), self.vector({target.lower(): 1.0}), "baseline")
         return self._combination(target)
 
-    def _vector(self, weights: dict[str, float]) -> tuple[float, ...]:
+    def vector(self, weights: dict[str, float]) -> tuple[float, ...]:
+        """``{adapter: weight}`` as the engine's weight vector (absent adapters weigh 0)."""
         return tuple(float(weights.get(name, 0.0)) for name in self.adapter_names)
 
     def _combination(self, text: str) -> Soup:
@@ -134,7 +135,7 @@ class SoupCatalog:
             chosen, source = self.tuned[key], "tuned"
         else:
             chosen, source = {pole: 1.0 / len(combination) for pole in combination}, "uniform"
-        return Soup(key, self._vector(chosen), source)
+        return Soup(key, self.vector(chosen), source)
 
     def _given(self, weights: dict[str, float]) -> Soup:
         if not isinstance(weights, dict) or not weights:
@@ -161,7 +162,7 @@ class SoupCatalog:
         if missing:
             raise PsoupsError(f"no policy was trained for {', '.join(missing)}")
         label = "+".join(f"{pole}={canonical[pole]:g}" for pole in combination)
-        return Soup(label, self._vector(canonical), "given")
+        return Soup(label, self.vector(canonical), "given")
 
 
 class SoupEngine:

@@ -14,7 +14,7 @@ import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from starlette.requests import ClientDisconnect
@@ -35,7 +35,9 @@ from psoups_ray.serve.protocol import (
     describe_validation_error,
     error_body,
 )
-from psoups_ray.serve.responses import TokenText, event
+from psoups_ray.serve.responses import RequestError, TokenText, event
+from psoups_ray.serve.users import UserEndpoints
+from psoups_ray.serve.users import router as users_router
 
 
 class IngressMetrics:
@@ -58,16 +60,6 @@ class IngressMetrics:
         )
 
 
-class RequestError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 kind: str = "invalid_request_error"):  # fmt: skip
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(error_body(self.message, self.param, self.kind), self.status)
-
-
 def endpoint_of(chat: bool) -> str:
     return "chat" if chat else "completions"
 
@@ -77,12 +69,13 @@ def _given(value, default):
 
 
 api = FastAPI(title="psoups_ray", description="P-Soups: any preference combination per request")
+api.include_router(users_router)
 
 
 @serve.deployment(name="Ingress", max_ongoing_requests=512)
 @serve.ingress(api)
-class Ingress:
-    def __init__(self, model, args: dict[str, Any], token: str | None):
+class Ingress(UserEndpoints):
+    def __init__(self, model, args: dict[str, Any], token: str | None, scorer=None):
         from psoups_ray.runtime.loading import load_base_tokenizer
 
         self.settings = ServeArgs.model_validate(args)
@@ -94,6 +87,13 @@ class Ingress:
         self._info_handle = model  # one reply per call
         self.token = token
         self.max_context: int | None = None
+        self.scorer = scorer  # the PreferenceScorer handle (personal soups)
+        self.personal = None
+        self._held_out: list[str] | None = None
+        if self.settings.personal.enabled:
+            from psoups_ray.personal.service import open_personal_soups
+
+            self.personal = open_personal_soups(self.settings.personal, self.catalog)
 
     # -- endpoints -----------------------------------------------------------------------
     @api.get("/healthz")
@@ -282,8 +282,9 @@ class Ingress:
 
     async def _jobs(self, body, chat: bool):
         settings = self.settings
+        soup = await self._user_soup(body)
         try:
-            soup = self.catalog.resolve(body.model, body.preferences, body.weights)
+            soup = soup or self.catalog.resolve(body.model, body.preferences, body.weights)
         except PsoupsError as exc:
             param = "weights" if body.weights is not None else (
                 "preferences" if body.preferences is not None else "model")  # fmt: skip

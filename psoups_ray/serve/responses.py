@@ -8,7 +8,22 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from fastapi.responses import JSONResponse
+
 from psoups_ray.serve.engine import TokenStep
+from psoups_ray.serve.protocol import error_body
+
+
+class RequestError(Exception):
+    """A request refused: its HTTP status and the OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 kind: str = "invalid_request_error"):  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(error_body(self.message, self.param, self.kind), self.status)
 
 
 def event(payload: dict[str, Any]) -> str:
