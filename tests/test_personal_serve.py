@@ -284,7 +284,18 @@ def test_the_playground_chats_compares_and_learns_in_a_real_browser(personal_app
         browser.find_element(By.ID, "forget").click()
         wait.until(lambda b: summary.text == "no choices yet")
         assert client.get("/v1/users/pat").status_code == 404
-        errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        # No script error; the only failed loads are the API's 404s for "pat" before its
+        # first choice and after "forget me".
+        errors = [
+            entry
+            for entry in browser.get_log("browser")
+            if entry["level"] == "SEVERE"
+            and not (
+                entry["source"] == "network"
+                and "/v1/users/pat " in entry["message"]
+                and "404" in entry["message"]
+            )  # fmt: skip
+        ]
         assert not errors, errors
     finally:
         browser.quit()
