@@ -52,6 +52,13 @@ class PostgresServer:
         return subprocess.run(argv, capture_output=True, text=True, timeout=120)
 
     def __enter__(self) -> PostgresServer:
+        try:
+            return self._start()
+        except BaseException:
+            shutil.rmtree(self.root, ignore_errors=True)
+            raise
+
+    def _start(self) -> PostgresServer:
         if self.as_postgres:
             shutil.chown(self.root, "postgres", "postgres")
             self.root.chmod(0o700)

@@ -180,4 +180,8 @@ def test_the_service_learns_a_user_from_stored_choices(tmp_path):
     features = [[1.0, 0, 0, 0], [1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0, 0.0]]
     assert service.pick(posterior, features, ["a", "a", " ", "b"]) in {(0, 3), (1, 3)}
     assert service.pick(posterior, features, ["a"] * 4) == (0, 2)  # none usable: the gain's
+    # Profiles scored by another run's reward models are refused, not misread.
+    other = PersonalSoups(SPACE, SPACE.pole_ids, spec, tuned, service.store)
+    with pytest.raises(PsoupsError, match="scored for the poles"):
+        other.candidates("u1", seed=0)
     assert service.delete("u1") and service.profile("u1") is None

@@ -46,12 +46,19 @@ def personal_app(policy_run, tmp_path_factory):
     os.environ[TOKEN_ENV] = TOKEN
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(bind_app({"run": str(out), **ARGS}, DEPLOYMENTS), name="personal", route_prefix="/")
+    try:
+        app = bind_app({"run": str(out), **ARGS}, DEPLOYMENTS)
+        serve.run(app, name="personal", route_prefix="/")
+    except BaseException:
+        serve.shutdown()
+        raise
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=HEADERS, timeout=120)
-    yield out, client
-    client.close()
-    serve.delete("personal")
-    serve.shutdown()
+    try:
+        yield out, client
+    finally:
+        client.close()
+        serve.shutdown()
+        os.environ.pop(TOKEN_ENV, None)
 
 
 def _choice(rng: random.Random, prompt: str, liked: str, disliked: str) -> dict[str, str]:
@@ -265,7 +272,8 @@ def test_the_playground_chats_compares_and_learns_in_a_real_browser(personal_app
         browser.find_element(By.ID, "ask").click()
         for count in range(1, 4):  # after each choice the page asks the next question
             wait.until(lambda b: b.find_element(By.ID, "prefer-a").is_enabled())
-            assert browser.find_element(By.ID, "answer-b").text is not None
+            a, b = (browser.find_element(By.ID, f"answer-{side}").text for side in "ab")
+            assert a.strip() and a != b, (a, b)  # two different answers side by side
             browser.find_element(By.ID, "prefer-a").click()
             wait.until(lambda b, n=count: summary.text.startswith(f"{n} choice"))
         profile = client.get("/v1/users/pat").json()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing
 import sqlite3
+import time
 
 import pytest
 from postgres import PostgresServer
@@ -93,22 +94,34 @@ def test_a_failed_summary_writes_nothing(url):
     store.close()
 
 
-def _add_many(url: str, worker: int, count: int) -> None:
+def _slow_count_summary(history: list[ChoiceRecord]) -> Summary:
+    time.sleep(0.02)  # a posterior takes a while: widen the window another writer could use
+    return _count_summary(history)
+
+
+def _add_many(url: str, worker: int, count: int, start) -> None:
     store = ProfileStore(url)
+    start.wait()  # every writer begins at once
     for index in range(count):
-        store.add_choice("shared", _record(100 * worker + index), _count_summary)
+        store.add_choice("shared", _record(100 * worker + index), _slow_count_summary)
     store.close()
 
 
 def test_replicas_writing_one_user_at_once_keep_every_choice(url):
     ProfileStore(url).close()  # the schema exists before the writers race
     context = multiprocessing.get_context("spawn")
-    writers = [context.Process(target=_add_many, args=(url, w, 12)) for w in range(3)]
+    start = context.Barrier(3)
+    writers = [context.Process(target=_add_many, args=(url, w, 12, start)) for w in range(3)]
     for writer in writers:
         writer.start()
-    for writer in writers:
-        writer.join(timeout=180)
-        assert writer.exitcode == 0
+    try:
+        for writer in writers:
+            writer.join(timeout=180)
+            assert writer.exitcode == 0
+    finally:
+        for writer in writers:
+            if writer.is_alive():
+                writer.kill()
     store = ProfileStore(url)
     profile = store.profile("shared")
     # Every choice is there, and the summary was computed from all of them.
@@ -134,3 +147,30 @@ def test_schema_versions_and_bad_urls(tmp_path):
         ProfileStore(sqlite_url(tmp_path / "missing" / "dir" / "profiles.sqlite"))
     with pytest.raises(PsoupsError, match="driver for nosuchdb is not installed|not a database"):
         ProfileStore("nosuchdb://localhost/x")
+
+
+def test_sqlite_readers_never_wait_for_a_writer(tmp_path):
+    path = tmp_path / "profiles.sqlite"
+    store = ProfileStore(sqlite_url(path))
+    store.add_choice("fay", _record(0), _count_summary)
+    statements = []
+    store.engine.pool.dispose()
+
+    from sqlalchemy import event
+
+    @event.listens_for(store.engine, "before_cursor_execute")
+    def _seen(conn, cursor, statement, *args):
+        statements.append(statement)
+
+    writer = sqlite3.connect(path, timeout=0)
+    writer.execute("BEGIN IMMEDIATE")  # another replica in the middle of a write
+    try:
+        assert store.profile("fay").choices == 1  # reads the committed state, no wait
+        assert len(store.choices("fay")) == 1
+    finally:
+        writer.rollback()
+        writer.close()
+    store.add_choice("fay", _record(1), _count_summary)
+    begins = [s for s in statements if s.startswith("BEGIN")]
+    assert begins == ["BEGIN", "BEGIN", "BEGIN IMMEDIATE"], begins
+    store.close()

@@ -72,7 +72,8 @@ class SoupSpace:
         empty = ~leans.any(dim=1)
         forced = torch.randint(dims, (count,), generator=generator)
         leans[empty, forced[empty]] = True
-        magnitude = -torch.log(torch.rand(count, dims, generator=generator))  # Dirichlet(1)
+        uniform = torch.rand(count, dims, generator=generator).clamp_min(1e-12)  # no log(0)
+        magnitude = -torch.log(uniform)  # Exp(1): normalised below, Dirichlet(1)
         magnitude = magnitude * leans
         magnitude = magnitude / magnitude.sum(dim=1, keepdim=True)
         for d, columns in enumerate(self.dimensions):

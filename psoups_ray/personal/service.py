@@ -67,10 +67,19 @@ class PersonalSoups:
         posterior = Posterior(self.soups, self.spec, self._prior.particles)
         return posterior.update(
             [
-                Choice(torch.tensor(c.chosen_features), torch.tensor(c.rejected_features))
+                Choice(self._vector(c.chosen_features), self._vector(c.rejected_features))
                 for c in history
-            ]
+            ]  # fmt: skip
         )
+
+    def _vector(self, features: dict[str, float]) -> torch.Tensor:
+        if set(features) != set(self.poles):
+            raise PsoupsError(
+                f"a stored choice was scored for the poles {sorted(features)}, but this server "
+                f"serves {self.poles}: the profiles belong to another run's reward models "
+                "(use a database of this run's own, or delete those users)"
+            )
+        return torch.tensor([float(features[pole]) for pole in self.poles])
 
     def summarize(self, history: Sequence[ChoiceRecord]) -> Summary:
         posterior = self.posterior(history)
@@ -92,7 +101,10 @@ class PersonalSoups:
     ) -> Profile:
         """Store that ``user`` preferred ``chosen`` to ``rejected`` (``features``: their
         two feature vectors) and the user's new summary, in one transaction."""
-        chosen_features, rejected_features = (list(map(float, row)) for row in features)
+        chosen_features, rejected_features = (
+            {pole: float(value) for pole, value in zip(self.poles, row, strict=True)}
+            for row in features
+        )
         record = ChoiceRecord(prompt, chosen, rejected, chosen_features, rejected_features, 0.0)
         return self.store.add_choice(user, record, self.summarize)
 

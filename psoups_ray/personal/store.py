@@ -79,10 +79,12 @@ choices = Table(
     Column("prompt", Text, nullable=False),
     Column("chosen", Text, nullable=False),
     Column("rejected", Text, nullable=False),
-    Column("chosen_features", Text, nullable=False),  # JSON [float] (P,): φ(prompt, chosen)
+    Column("chosen_features", Text, nullable=False),  # JSON {pole: φ_pole(prompt, chosen)}
     Column("rejected_features", Text, nullable=False),
     Column("created_at", Float, nullable=False),
 )
+
+WRITE_OPTION = "psoups_write"  # execution option of the transactions that write
 
 # An advisory lock key for schema creation on PostgreSQL (replicas start together).
 _SCHEMA_LOCK = 0x50534F5550
@@ -93,8 +95,8 @@ class ChoiceRecord:
     prompt: str
     chosen: str
     rejected: str
-    chosen_features: list[float]
-    rejected_features: list[float]
+    chosen_features: dict[str, float]  # {pole: normalised reward}: the answer's features
+    rejected_features: dict[str, float]
     created_at: float
 
 
@@ -139,6 +141,8 @@ class ProfileStore:
             ) from None
         if self.engine.dialect.name == "sqlite":
             _sqlite_transactions(self.engine)
+        # Transactions that write: on SQLite they take the write lock when they begin.
+        self._writer = self.engine.execution_options(**{WRITE_OPTION: True})
         try:
             self._migrate()
         except OperationalError as exc:
@@ -154,7 +158,7 @@ class ProfileStore:
         return self.engine.url.render_as_string(hide_password=True)
 
     def _migrate(self) -> None:
-        with self.engine.begin() as connection:
+        with self._writer.begin() as connection:
             if self.dialect == "postgresql":
                 lock = text("SELECT pg_advisory_xact_lock(:key)")
                 connection.execute(lock, {"key": _SCHEMA_LOCK})
@@ -184,7 +188,7 @@ class ProfileStore:
         user's summary with ``summarize`` (all of the user's choices, oldest first), in one
         transaction: both or neither are written."""
         now = time.time()
-        with self.engine.begin() as connection:
+        with self._writer.begin() as connection:
             self._ensure_user(connection, user, now)
             row = connection.execute(
                 select(users).where(users.c.user_id == user).with_for_update()
@@ -272,7 +276,7 @@ class ProfileStore:
 
     def delete(self, user: str) -> bool:
         """Remove every record of ``user``; False when there was none."""
-        with self.engine.begin() as connection:
+        with self._writer.begin() as connection:
             connection.execute(delete(choices).where(choices.c.user_id == user))
             removed = connection.execute(delete(users).where(users.c.user_id == user)).rowcount
         return bool(removed)
@@ -295,13 +299,17 @@ def _engine_options(url: str) -> dict[str, Any]:
         # Replicas are processes, each with its own engine; a writer waits for another's
         # transaction (busy timeout) instead of failing at once.
         return {"connect_args": {"timeout": 30, "check_same_thread": False}}
-    return {"pool_pre_ping": True}
+    # The row lock in add_choice serialises one user's writers under READ COMMITTED (a
+    # server configured for REPEATABLE READ would fail the second with a serialization
+    # error instead).
+    return {"pool_pre_ping": True, "isolation_level": "READ COMMITTED"}
 
 
 def _sqlite_transactions(engine: Engine) -> None:
-    """SQLite as a shared store: WAL journal, foreign keys enforced, and every transaction
-    taking the write lock when it begins (``BEGIN IMMEDIATE``), so a transaction that reads
-    then writes never fails halfway on another writer (SQLAlchemy's recipe for pysqlite)."""
+    """SQLite as a shared store: WAL journal (readers never wait), foreign keys enforced,
+    and the transactions that write (:data:`WRITE_OPTION`) taking the write lock when they
+    begin (``BEGIN IMMEDIATE``), so one that reads then writes never fails halfway on
+    another writer (SQLAlchemy's recipe for pysqlite)."""
 
     @event.listens_for(engine, "connect")
     def _connect(dbapi_connection, _record):
@@ -314,4 +322,5 @@ def _sqlite_transactions(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _begin(connection):
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        writes = connection.get_execution_options().get(WRITE_OPTION, False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if writes else "BEGIN")

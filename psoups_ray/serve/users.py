@@ -19,6 +19,7 @@ Profiles live in the database (:mod:`psoups_ray.personal.store`), features come 
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations.
 import asyncio
+import logging
 import random
 import re
 from importlib import resources
@@ -31,6 +32,7 @@ from psoups_ray.errors import PsoupsError
 from psoups_ray.serve.engine import GenerationJob, SamplingParams, Soup
 from psoups_ray.serve.responses import RequestError
 
+logger = logging.getLogger("ray.serve")
 USER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 PERSONAL_MODEL = "psoups"  # with `user`: that user's soup
 
@@ -134,9 +136,11 @@ class UserEndpoints:
                 )  # fmt: skip
             seed = random.getrandbits(31)
             posterior, soups = await asyncio.to_thread(personal.candidates, user, seed)
+            if len(soups) < 2:
+                raise RequestError(400, "questions need two soups: this server serves one pole")
             texts = await self._answers(prompt, soups, max_tokens, seed)
             features = await self.scorer.features.remote(personal.poles, prompt, texts)
-            first, second = personal.pick(posterior, features, texts)
+            first, second = await asyncio.to_thread(personal.pick, posterior, features, texts)
             return {
                 "prompt": prompt,
                 "candidates": [
@@ -180,8 +184,12 @@ class UserEndpoints:
             return await answer()
         except RequestError as exc:
             return exc.response()
+        except PsoupsError as exc:  # the server's own state, named (e.g. a foreign profile)
+            return RequestError(500, str(exc), kind="server_error").response()
         except Exception as exc:  # a bug, a database or replica failure: keep serving
-            message = f"internal error: {type(exc).__name__}: {exc}"
+            # The detail (a database error holds its SQL and host) goes to the replica's log.
+            logger.exception("personal soups request failed")
+            message = f"internal error ({type(exc).__name__}); see the server's log"
             return RequestError(500, message, kind="server_error").response()
 
     def _personal(self, request: Request, user: str):
