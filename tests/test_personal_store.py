@@ -174,3 +174,14 @@ def test_sqlite_readers_never_wait_for_a_writer(tmp_path):
     begins = [s for s in statements if s.startswith("BEGIN")]
     assert begins == ["BEGIN", "BEGIN", "BEGIN IMMEDIATE"], begins
     store.close()
+
+
+def test_only_the_newest_choices_are_kept(url):
+    store = ProfileStore(url)
+    for index in range(5):
+        profile = store.add_choice("gus", _record(index), _count_summary, keep=3)
+    assert profile.choices == 3 and profile.weights == {"P1A": 3.0}
+    assert [c.prompt for c in store.choices("gus")] == ["prompt 2", "prompt 3", "prompt 4"]
+    store.add_choice("hal", _record(9), _count_summary, keep=3)
+    assert store.count() == {"users": 2, "choices": 4}  # another user's are not touched
+    store.close()

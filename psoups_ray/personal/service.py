@@ -106,7 +106,7 @@ class PersonalSoups:
             for row in features
         )
         record = ChoiceRecord(prompt, chosen, rejected, chosen_features, rejected_features, 0.0)
-        return self.store.add_choice(user, record, self.summarize)
+        return self.store.add_choice(user, record, self.summarize, self.spec.max_choices)
 
     def profile(self, user: str) -> Profile | None:
         return self.store.profile(user)

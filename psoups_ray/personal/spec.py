@@ -30,6 +30,8 @@ class PersonalSpec(BaseModel):
     total: float | None = Field(default=None, gt=0, le=MAX_SOUP_WEIGHT)
     """Total weight of users' soups; empty: the mean total of the run's tuned soups (1
     without tuned weights). Choices cannot tell it (it scales like beta)."""
+    max_choices: int = Field(default=1000, ge=1)
+    """Choices kept per user: the newest ones (older ones are dropped as new ones come)."""
     max_text_tokens: int = Field(default=1024, ge=1)
     """Longest answer a choice may carry (tokens); its prompt: the app's max_prompt_tokens."""
     candidates: int = Field(default=4, ge=2, le=16)

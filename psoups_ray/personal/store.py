@@ -183,10 +183,13 @@ class ProfileStore:
         user: str,
         record: ChoiceRecord,
         summarize: Callable[[list[ChoiceRecord]], Summary],
+        keep: int | None = None,
     ) -> Profile:
         """Append ``record`` to ``user``'s choices (creating the user) and rewrite the
         user's summary with ``summarize`` (all of the user's choices, oldest first), in one
-        transaction: both or neither are written."""
+        transaction: both or neither are written. ``keep``: only the newest ``keep`` choices
+        stay (older ones are deleted in the same transaction): a user's cost stays bounded,
+        and the soup follows what the user prefers now."""
         now = time.time()
         with self._writer.begin() as connection:
             self._ensure_user(connection, user, now)
@@ -204,6 +207,18 @@ class ProfileStore:
                     created_at=now,
                 )
             )
+            if keep is not None:
+                newest = (
+                    select(choices.c.id)
+                    .where(choices.c.user_id == user)
+                    .order_by(choices.c.id.desc())
+                    .limit(keep)
+                )
+                connection.execute(
+                    delete(choices).where(
+                        choices.c.user_id == user, choices.c.id.not_in(newest.scalar_subquery())
+                    )
+                )
             history = self._choices(connection, user)
             summary = summarize(history)
             connection.execute(
