@@ -74,6 +74,8 @@ def _choice(rng: random.Random, prompt: str, liked: str, disliked: str) -> dict[
 def test_a_users_choices_become_the_soup_served_for_that_user(personal_app):
     out, client = personal_app
     assert client.get("/v1/users/alice").status_code == 404
+    listed = [model["id"] for model in client.get("/v1/models").json()["data"]]
+    assert listed[-1] == "psoups" and "psoups:P2A+P3B" not in listed  # no tuned weights here
 
     question = client.post("/v1/users/alice/query", json={})
     assert question.status_code == 200, question.text

@@ -36,7 +36,7 @@ from psoups_ray.serve.protocol import (
     error_body,
 )
 from psoups_ray.serve.responses import RequestError, TokenText, event
-from psoups_ray.serve.users import UserEndpoints
+from psoups_ray.serve.users import PERSONAL_MODEL, UserEndpoints
 from psoups_ray.serve.users import router as users_router
 
 
@@ -120,11 +120,14 @@ class Ingress(UserEndpoints):
         except RequestError as exc:
             return exc.response()
         created = int(time.time())
+        names = self.catalog.model_ids()
+        if self.personal is not None:
+            names.append(PERSONAL_MODEL)  # with the request's `user`: that user's soup
         return {
             "object": "list",
             "data": [
                 {"id": name, "object": "model", "created": created, "owned_by": "psoups"}
-                for name in self.catalog.model_ids()
+                for name in names
             ],
         }
 
