@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 import time
@@ -88,6 +87,7 @@ def main() -> int:
         SoupSpace,
         best_soup,
         candidate_soups,
+        choice_probability,
         most_informative_pair,
         soup_total,
     )
@@ -176,6 +176,7 @@ def main() -> int:
 
     table = features[: len(grid)].mean(dim=1)  # (G, P): each grid soup's mean features
     rng = random.Random(args.seed)
+    prior = Posterior(soups, spec).particles  # drawn once, shared by every simulation
     # "active": what the server does (its estimate, snapped to the grid); "random": random
     # questions; "active+table": the soup picked with each grid soup's mean features known
     # (best_soup; the server has no such table yet).
@@ -185,7 +186,7 @@ def main() -> int:
     for user in owners:
         w = users[user]
         for strategy, curve in curves.items():
-            posterior = Posterior(soups, spec)
+            posterior = Posterior(soups, spec, prior)
             picks = []
             for _ in range(args.choices):
                 question = rng.randrange(len(questions))
@@ -199,8 +200,8 @@ def main() -> int:
                     a, b = indices[i], indices[j]
                 else:
                     a, b = rng.sample(range(len(grid)), 2)
-                margin = args.user_beta * float(w @ (shown[a, question] - shown[b, question]))
-                prefers_a = rng.random() < 1 / (1 + math.exp(-margin))
+                p_a = choice_probability(w, shown[a, question], shown[b, question], args.user_beta)
+                prefers_a = rng.random() < p_a
                 chosen, rejected = (a, b) if prefers_a else (b, a)
                 posterior.update([Choice(features[chosen, question], features[rejected, question])])
                 if strategy == "active+table":

@@ -277,14 +277,18 @@ class RunArtifacts:
         rewards: bool = True,
         reward_max_length: int | None = None,
         dtype: str | None = None,
+        policies: bool = True,
     ) -> ModelSet:
         """The base, the pole policies (then ``baselines``, mixed like the poles: weight 1
         on a baseline alone is that baseline's policy) and, with ``rewards``, every pole's
         reward model. Measuring soups (``rewards``) needs every pole's policy; serving
-        takes the poles that have one."""
+        takes the poles that have one; scoring texts alone (``policies`` false) none."""
         space = self.space
-        policies = self.policies() if rewards else self.trained_policies()
-        adapters = {name: artifact.location for name, artifact in policies.items()}
+        if not policies:
+            chosen = {}
+        else:
+            chosen = self.policies() if rewards else self.trained_policies()
+        adapters = {name: artifact.location for name, artifact in chosen.items()}
         adapters.update({n: a.location for n, a in self.baselines(list(baselines)).items()})
         return ModelSet(
             base=self.base,

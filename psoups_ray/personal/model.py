@@ -212,14 +212,18 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
     return -(p * p.log() + (1 - p) * (1 - p).log())
 
 
-def most_informative_pair(posterior: Posterior, features: torch.Tensor) -> tuple[int, int]:
-    """Of K answers with features (K, P), the pair (i, j), i < j, to ask about."""
-    gain = posterior.information_gain(features)
-    flat = int(gain.triu(diagonal=1).argmax())
-    i, j = divmod(flat, gain.shape[1])
-    if i >= j:  # every gain zero (e.g. identical answers): the first two
-        return 0, 1
-    return i, j
+def most_informative_pair(
+    posterior: Posterior, features: torch.Tensor, allowed: torch.Tensor | None = None
+) -> tuple[int, int]:
+    """Of K answers with features (K, P), the pair (i, j), i < j, to ask about: the one
+    with the most information (the first on ties, so (0, 1) when every gain is zero); with
+    ``allowed`` (K, K, bool), among the allowed pairs when there is any."""
+    first, second = torch.triu_indices(len(features), len(features), offset=1)
+    gains = posterior.information_gain(features)[first, second]
+    if allowed is not None and allowed[first, second].any():
+        gains = gains.masked_fill(~allowed[first, second], -1.0)  # gains are >= 0
+    best = int(gains.argmax())
+    return int(first[best]), int(second[best])
 
 
 def candidate_soups(

@@ -56,7 +56,7 @@ class PersonalSoups:
         self.spec = spec
         self.soups = SoupSpace(space, soup_total(spec, tuned_weights), poles)
         self.store = store
-        self._prior = Posterior(self.soups, spec)
+        self.particles = Posterior(self.soups, spec).particles  # the prior's draw, shared
 
     @property
     def poles(self) -> list[str]:
@@ -64,7 +64,7 @@ class PersonalSoups:
         return self.soups.poles
 
     def posterior(self, history: Sequence[ChoiceRecord]) -> Posterior:
-        posterior = Posterior(self.soups, self.spec, self._prior.particles)
+        posterior = Posterior(self.soups, self.spec, self.particles)
         return posterior.update(
             [
                 Choice(self._vector(c.chosen_features), self._vector(c.rejected_features))
@@ -128,16 +128,11 @@ class PersonalSoups:
         """Of the candidates' answers (their texts and features), the pair to ask about:
         the most informative of the pairs of two different, non-empty answers (any pair
         when there is none)."""
-        usable = [
-            (i, j)
-            for i in range(len(texts))
-            for j in range(i + 1, len(texts))
-            if texts[i].strip() and texts[j].strip() and texts[i] != texts[j]
-        ]
-        if not usable:
-            return most_informative_pair(posterior, torch.tensor(features, dtype=torch.float))
-        gain = posterior.information_gain(torch.tensor(features, dtype=torch.float))
-        return max(usable, key=lambda pair: float(gain[pair]))
+        usable = torch.tensor(
+            [[bool(a.strip() and b.strip()) and a != b for b in texts] for a in texts]
+        )
+        features = torch.tensor(features, dtype=torch.float)
+        return most_informative_pair(posterior, features, usable)
 
 
 def open_personal_soups(spec: PersonalSpec, catalog) -> PersonalSoups:

@@ -89,11 +89,12 @@ def bind_app(args: dict[str, Any], deployment_options: dict[str, dict] | None = 
 def _check_personal(settings: ServeArgs, catalog: SoupCatalog) -> None:
     """Personal soups need every pole's reward model (their features) and a profile store
     that opens; fail here, naming what to do, rather than in the replicas."""
-    from psoups_ray.personal.service import open_personal_soups
+    from psoups_ray.personal.service import database_url
+    from psoups_ray.personal.store import ProfileStore
 
     try:
         catalog.run.check_loadable(catalog.run.model_set(catalog.baselines, rewards=True))
-        open_personal_soups(settings.personal, catalog).store.close()
+        ProfileStore(database_url(settings.personal, catalog.run.location)).close()
     except PsoupsError as exc:
         raise PsoupsError(
             f"personal soups: {exc}\n(serve without them: personal: {{enabled: false}} in the "

@@ -25,6 +25,15 @@ from psoups_ray.serve.engine import (
 )
 
 
+def limit_torch_threads() -> None:
+    """A replica's torch threads: its OMP_NUM_THREADS (the YAML's runtime_env), if set."""
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(max(1, int(threads)))
+
+
 def _next_or_none(iterator):
     return next(iterator, None)
 
@@ -38,11 +47,7 @@ class _SoupModel:
 
     def __init__(self, args: dict[str, Any]):
         settings = ServeArgs.model_validate(args)
-        threads = os.environ.get("OMP_NUM_THREADS")
-        if threads:
-            import torch
-
-            torch.set_num_threads(max(1, int(threads)))
+        limit_torch_threads()
         self.strategy = settings.strategy
         self.engine = SoupEngine(settings.run, settings.device, settings.dtype, self.strategy)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="psoups-decode")

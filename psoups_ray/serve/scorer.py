@@ -8,35 +8,25 @@ each active question.
 from __future__ import annotations
 
 import asyncio
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ray import serve
 
 from psoups_ray.serve.args import ServeArgs
+from psoups_ray.serve.model import limit_torch_threads
 
 
 class _PreferenceScorer:
     def __init__(self, args: dict[str, Any]):
-        from psoups_ray.artifacts import ModelSet, RunArtifacts
+        from psoups_ray.artifacts import RunArtifacts
         from psoups_ray.runtime.loading import LoadedModels
 
         settings = ServeArgs.model_validate(args)
-        threads = os.environ.get("OMP_NUM_THREADS")
-        if threads:
-            import torch
-
-            torch.set_num_threads(max(1, int(threads)))
+        limit_torch_threads()
         run = RunArtifacts.load(settings.run)
-        space = run.space
-        models = ModelSet(
-            base=run.base,
-            policies={},
-            rewards={pole: artifact.location for pole, artifact in run.rewards().items()},
-            preference_prompts={pole: space.pole(pole).prompt for pole in space.pole_ids},
-            reward_max_length=run.config.rewards.max_length,
-            dtype=settings.dtype,
+        models = run.model_set(
+            reward_max_length=run.config.rewards.max_length, dtype=settings.dtype, policies=False
         )
         self.loaded = LoadedModels(models, settings.device, mix=False)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="psoups-score")
