@@ -1,5 +1,5 @@
-"""The system on clusters it did not start: `ray job submit` to a `ray start --head`
-cluster, and per-pole runs spread over the nodes of a simulated multi-node cluster."""
+"""The system on a cluster it did not start: `ray job submit` to a multi-node `ray start`
+cluster, the per-pole runs spread over its nodes, and `serve deploy` of what it trained."""
 
 from __future__ import annotations
 
@@ -12,10 +12,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-from clusters import RAY_CLI, RayStartCluster
+from clusters import (
+    RAY_CLI,
+    REPO,
+    SERVE_CLI,
+    RayStartCluster,
+    first_chat_answer,
+    free_port,
+    shipped_serve_config,
+)
 from console_checks import assert_quiet_console
+from ray.util.state import list_nodes
 
-REPO = Path(__file__).resolve().parents[1]
 EXCLUDES = ["runs/", ".venv/", ".git/", "*.safetensors", "*.bin"]
 
 pytestmark = pytest.mark.integration
@@ -25,13 +33,17 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 
 
-def test_the_pipeline_job_on_a_ray_start_cluster_trains_tunes_evaluates_and_reports(
+def test_a_pipeline_job_on_a_multi_node_cluster_trains_tunes_reports_and_serve_deploys(
     policy_run, tmp_path
 ):
-    """`ray job submit` of jobs/pipeline.py with a reduced tiny config (two dimensions, smoke
-    sizes, no baselines). To keep CI short the job resumes a copy of the session's smoke run:
-    base, feedback and rewards are complete and skipped; the job retrains the policies (Ray
-    Train), then tunes (Ray Tune), evaluates and reports, all on the cluster it was sent to."""
+    """`ray job submit` of jobs/pipeline.py to a four-node `ray start` cluster (a head and
+    three nodes joined with `ray start --address`, one CPU each, on this machine), with a
+    reduced tiny config (two dimensions, smoke sizes, no baselines). To keep CI short the
+    job resumes a copy of the session's smoke run: base, feedback and rewards are complete
+    and skipped; the job retrains the policies, one Ray Train run per pole, each needing a
+    node's whole CPU (so the four runs use every node at once, their artifacts going through the
+    run directory, not staying node-local), then tunes (Ray Tune), evaluates and reports,
+    all on the cluster it was sent to. Then `serve deploy` serves the job's run there."""
     from conftest import policy_test_config
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -41,11 +53,13 @@ def test_the_pipeline_job_on_a_ray_start_cluster_trains_tunes_evaluates_and_repo
     reduced = policy_test_config(
         "name=reduced",
         "policies.baselines=[]",
+        "policies.resources.cpus_per_worker=1",
         "evaluate.systems=[base,base+prompt,psoups-uniform,psoups-tuned]",
     )
     config_file = tmp_path / "reduced.yaml"
     config_file.write_text(yaml.safe_dump(reduced.model_dump(mode="json")))  # smoke sizes in it
-    with RayStartCluster(num_cpus=2) as cluster:
+    nodes = [(1, {f"node_{index}": 1}) for index in range(3)]
+    with RayStartCluster(num_cpus=1, resources={"node_head": 1}, workers=nodes) as cluster:
         command = [
             RAY_CLI, "job", "submit", "--address", cluster.dashboard_url,
             "--submission-id", "psoups-pipeline-test",
@@ -58,6 +72,8 @@ def test_the_pipeline_job_on_a_ray_start_cluster_trains_tunes_evaluates_and_repo
                                 text=True, timeout=900)  # fmt: skip
         logs = result.stdout + result.stderr
         status = JobSubmissionClient(cluster.dashboard_url).get_job_status("psoups-pipeline-test")
+        alive = [node for node in list_nodes(cluster.dashboard_url) if node.state == "ALIVE"]
+        served = _serve_deploy(cluster, out, tmp_path) if status == JobStatus.SUCCEEDED else None
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
     assert result.returncode == 0
     assert "connecting to Ray cluster" in logs
@@ -70,7 +86,20 @@ def test_the_pipeline_job_on_a_ray_start_cluster_trains_tunes_evaluates_and_repo
     assert {name: manifest["stages"][name]["status"] for name in stages} == dict.fromkeys(
         stages, "complete"
     )
-    assert sorted(manifest["policies"]) == ["P2A", "P2B", "P3A", "P3B"]
+
+    # The per-pole runs spread over the nodes, through the run directory.
+    policies = manifest["policies"]
+    assert sorted(policies) == ["P2A", "P2B", "P3A", "P3B"]
+    assert len(alive) == 4 and sorted(
+        name for node in alive for name in node.resources_total if name.startswith("node_")
+    ) == ["node_0", "node_1", "node_2", "node_head"]
+    used = {record["metrics"]["node_id"] for record in policies.values()}
+    assert used == {node.node_id for node in alive}, used  # a whole node's CPU each
+    for pole, record in policies.items():
+        assert record["path"] == f"./policies/{pole}/adapter"  # relative to the run directory
+        assert (out / "policies" / pole / "adapter" / "adapter_model.safetensors").is_file()
+        assert any((out / "ray" / "policies" / pole).glob("checkpoint_*")), pole
+
     assert manifest["baselines"] == {}  # retrained by the job, with its config
     assert sorted(manifest["tuned_weights"]) == ["P2A+P3A", "P2A+P3B", "P2B+P3A", "P2B+P3B"]
     assert (out / "report.md").read_text().startswith("# P-Soups report: reduced")
@@ -84,30 +113,30 @@ def test_the_pipeline_job_on_a_ray_start_cluster_trains_tunes_evaluates_and_repo
     assert "[policies P2A] iteration" in logs
     assert (out / "logs/tune/evaluator-0.log").is_file()
 
+    # `serve deploy` of the shipped config, pointed at the job's run, to the same cluster
+    # (token auth, as `ray start` clusters have), then `serve shutdown`.
+    assert served["psoups"] == {
+        "weights": manifest["tuned_weights"]["P2A+P3B"],
+        "weights_from": "tuned",
+    }
+    assert served["choices"][0]["finish_reason"] in ("stop", "length")
 
-def test_per_pole_runs_spread_over_simulated_nodes_through_the_run_directory(policy_run, tmp_path):
-    source, _ = policy_run
-    out = tmp_path / "run"
-    shutil.copytree(source, out)
-    result = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "multinode_driver.py"), str(out)],
-        cwd=REPO, env=_clean_env(), capture_output=True, text=True, timeout=900,
+
+def _serve_deploy(cluster: RayStartCluster, run: Path, tmp_path: Path) -> dict:
+    """Deploy serve_configs/tiny.yaml for ``run`` with `serve deploy`, return its first chat
+    answer, and shut it down with `serve shutdown`."""
+    port = free_port()
+    config = shipped_serve_config(tmp_path, run, port)
+    address = ["--address", cluster.dashboard_url]
+    deployed = subprocess.run(
+        [SERVE_CLI, "deploy", str(config), *address],
+        cwd=REPO, env=_clean_env(), capture_output=True, text=True, timeout=180,
     )  # fmt: skip
-    logs = result.stdout + result.stderr
-    assert result.returncode == 0, logs[-4000:]
-    summary = json.loads(logs.split("SUMMARY ", 1)[1].splitlines()[0])
-    assert len(summary["nodes"]) == 3
-    assert any("node_0" in names for names in summary["node_resources"])
-    rewards = summary["rewards"]
-    assert sorted(rewards) == ["P2A", "P2B", "P3A", "P3B"]
-    used = {record["metrics"]["train"]["node_id"] for record in rewards.values()}
-    # Each run needs a node's whole CPU: four runs on three nodes used at least three.
-    assert used <= set(summary["nodes"]) and len(used) >= 3, used
-    for pole, record in rewards.items():
-        # Every artifact went through the run directory's storage, none stayed node-local.
-        assert record["path"] == f"./rewards/{pole}/adapter"  # relative to the run directory
-        assert (out / "rewards" / pole / "adapter" / "adapter_model.safetensors").is_file()
-        assert any((out / "ray" / "rewards" / pole).glob("checkpoint_*")), pole
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["stages"]["rewards"]["status"] == "complete"
-    assert "policies" not in manifest["stages"]  # redone rewards: later stages must rerun
+    assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
+    answer = first_chat_answer(f"http://127.0.0.1:{port}", lambda: True)
+    stopped = subprocess.run(
+        [SERVE_CLI, "shutdown", "--yes", *address],
+        cwd=REPO, env=_clean_env(), capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert stopped.returncode == 0, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+    return answer

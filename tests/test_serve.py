@@ -700,39 +700,6 @@ def test_a_killed_model_replica_is_replaced_and_only_its_requests_fail(served, r
         serve.delete("psoups-fault")
 
 
-def _serve_yaml(tmp_path: Path, run: Path, port: int) -> Path:
-    """serve_configs/tiny.yaml with ``args.run`` pointed at ``run`` and HTTP on ``port``."""
-    import yaml
-
-    config = yaml.safe_load((REPO / "serve_configs" / "tiny.yaml").read_text())
-    config["http_options"]["port"] = port
-    (app,) = config["applications"]
-    app["args"]["run"] = str(run)
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
-def _first_chat_answer(base_url: str, alive, timeout_s: float = 300) -> dict:
-    """Poll until the app answers a chat completion (``alive()`` false: give up)."""
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline and alive():
-        try:
-            last = httpx.post(
-                f"{base_url}/v1/chat/completions",
-                json={"model": "psoups:P2A+P3B", "max_tokens": 8, "temperature": 0,
-                      "messages": [{"role": "user", "content": QUESTION}]},
-                timeout=60,
-            )  # fmt: skip
-            if last.status_code == 200:
-                return last.json()
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    raise AssertionError(f"no chat completion from {base_url}: {last and last.text[:500]}")
-
-
 def _ray_cli_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", TOKEN_ENV)}
     return {**env, **extra}
@@ -741,11 +708,11 @@ def _ray_cli_env(**extra: str) -> dict[str, str]:
 def test_serve_run_of_the_shipped_config_deploys_and_answers(served, tmp_path):
     """Ray's own CLI, `serve run serve_configs/tiny.yaml`, in the foreground on a local
     cluster of its own (its temp dir, so the test stops exactly what it started)."""
-    from clusters import stop_processes_naming
+    from clusters import first_chat_answer, shipped_serve_config, stop_processes_naming
 
     out, _ = served
     port = _free_port()
-    config = _serve_yaml(tmp_path, out, port)
+    config = shipped_serve_config(tmp_path, out, port)
     temp_root = tempfile.mkdtemp(prefix="psr-", dir="/tmp")  # short: socket paths
     process = subprocess.Popen(
         [str(Path(sys.executable).with_name("serve")), "run", str(config)],
@@ -753,7 +720,9 @@ def test_serve_run_of_the_shipped_config_deploys_and_answers(served, tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
     try:
-        answer = _first_chat_answer(f"http://127.0.0.1:{port}", lambda: process.poll() is None)
+        answer = first_chat_answer(
+            f"http://127.0.0.1:{port}", lambda: process.poll() is None, QUESTION
+        )
         assert answer["model"] == "psoups:P2A+P3B"
         assert answer["psoups"] == {"weights": TUNED, "weights_from": "tuned"}
         assert answer["choices"][0]["message"]["content"] == _engine_text(
@@ -768,32 +737,6 @@ def test_serve_run_of_the_shipped_config_deploys_and_answers(served, tmp_path):
                 process.kill()
         stop_processes_naming(temp_root)
         shutil.rmtree(temp_root, ignore_errors=True)
-
-
-def test_serve_deploy_of_the_shipped_config_to_a_ray_start_cluster_answers(served, tmp_path):
-    """`serve deploy` to a `ray start --head` cluster (token auth when this machine has a
-    token, as Ray >= 2.5x clusters do), then `serve shutdown`."""
-    from clusters import RayStartCluster
-
-    out, _ = served
-    port = _free_port()
-    config = _serve_yaml(tmp_path, out, port)
-    serve_cli = str(Path(sys.executable).with_name("serve"))
-    with RayStartCluster(num_cpus=2) as cluster:
-        address = ["--address", cluster.dashboard_url]
-        deployed = subprocess.run(
-            [serve_cli, "deploy", str(config), *address],
-            cwd=REPO, env=_ray_cli_env(), capture_output=True, text=True, timeout=180,
-        )  # fmt: skip
-        assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
-        answer = _first_chat_answer(f"http://127.0.0.1:{port}", lambda: True)
-        assert answer["psoups"] == {"weights": TUNED, "weights_from": "tuned"}
-        assert answer["choices"][0]["finish_reason"] in ("stop", "length")
-        stopped = subprocess.run(
-            [serve_cli, "shutdown", "--yes", *address],
-            cwd=REPO, env=_ray_cli_env(), capture_output=True, text=True, timeout=180,
-        )  # fmt: skip
-        assert stopped.returncode == 0, stopped.stdout[-2000:] + stopped.stderr[-2000:]
 
 
 def test_a_moved_run_serves_and_reports_and_a_missing_artifact_is_one_clear_error(served, tmp_path):

@@ -197,6 +197,9 @@ def test_smollm2_smoke_runs_every_stage_on_the_real_weights(ray_cluster, tmp_pat
     assert (out / "logs/evaluate/evaluator-0.log").is_file()
     base = manifest["base"]
     assert base["gguf_file"] == GGUF and base["parameters"] == 134_515_008
+    facts = base["metrics"]["reference"]  # described from the loaded file: read once
+    assert facts["architectures"] == ["LlamaForCausalLM"] and facts["has_chat_template"]
+    assert facts["tokenizer_vocab_size"] == facts["vocab_size"] == 49152
     assert (out / "base/pretrained/model.safetensors").is_file()
 
     feedback = manifest["feedback"]

@@ -13,6 +13,7 @@ from transformers import (
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -95,37 +96,37 @@ def build_tiny_model(
 
 
 def describe_reference(base: BaseConfig) -> dict:
-    """Validate a real model reference without loading its weights; returns its key facts."""
+    """Validate a real model reference without loading its weights; returns its key facts.
+
+    Not for a GGUF base: its config and tokenizer come from the file's metadata, parsed whole
+    either way, so the base stage describes it from the model it loads (:func:`reference_facts`)
+    and reads the file once."""
     tokenizer_reference = base.tokenizer or base.model
     model_reference = resolve_reference(base.model)
-    gguf = {"gguf_file": base.gguf_file} if base.gguf_file else {}
-    problems = gguf_problems(model_reference, base.gguf_file) if base.gguf_file else []
-    if problems:
-        raise PsoupsError("; ".join(problems))
     try:
         config = AutoConfig.from_pretrained(
-            model_reference,
-            revision=base.revision,
-            trust_remote_code=base.trust_remote_code,
-            **gguf,
+            model_reference, revision=base.revision, trust_remote_code=base.trust_remote_code
         )
     except (OSError, ValueError) as exc:
         raise PsoupsError(
             f"base.model {base.model!r} cannot be resolved: {exc}. Give a Hugging Face model id "
             "(with network access or a filled cache) or a local directory saved by save_pretrained"
         ) from None
+    tokenizer = load_tokenizer(tokenizer_reference, base.revision, base.trust_remote_code)
+    return reference_facts(base, config, tokenizer)
+
+
+def reference_facts(
+    base: BaseConfig, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase
+) -> dict:
+    """The key facts of ``base.model`` from its config and tokenizer; a model that is not
+    a causal LM is refused."""
     architectures = list(getattr(config, "architectures", None) or [])
     if architectures and not any(a.endswith("ForCausalLM") for a in architectures):
         raise PsoupsError(
             f"base.model {base.model!r} is a {architectures} model; P-Soups needs a causal LM "
             "(an architecture ending in ForCausalLM)"
         )
-    if base.gguf_file and base.tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(
-            model_reference, gguf_file=base.gguf_file, trust_remote_code=base.trust_remote_code
-        )
-    else:
-        tokenizer = load_tokenizer(tokenizer_reference, base.revision, base.trust_remote_code)
     return {
         "model_type": config.model_type,
         "architectures": architectures,

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from psoups_ray.base.model import describe_reference, load_gguf_base
+from psoups_ray.base.model import describe_reference, load_gguf_base, reference_facts
 from psoups_ray.base.sft import SFTJob, sft_train_loop
 from psoups_ray.base.tokenizer import train_bpe_tokenizer
 from psoups_ray.config import PsoupsConfig
@@ -178,17 +178,17 @@ def attribute_metrics(
 
 def _real_base(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
     base = config.base
-    log(f"base: validating model reference {base.model!r}")
-    facts = describe_reference(base)
     section: dict[str, Any] = {
         "model": base.model,
         "model_path": base.model,
         "tokenizer_path": base.tokenizer or base.model,
         "revision": base.revision,
-        "metrics": {"reference": facts},
     }
-    if base.gguf_file:
+    if base.gguf_file:  # validated by loading it: the file is read once
         section.update(_save_gguf_base(config, rundir))
+    else:
+        log(f"base: validating model reference {base.model!r}")
+        section["metrics"] = {"reference": describe_reference(base)}
     if not (base.sft.enabled and base.sft.data_files):
         log("base: no base.sft.data_files given; using the model as it is")
         return section
@@ -233,8 +233,9 @@ def _save_gguf_base(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
     model, tokenizer = load_gguf_base(base.model, base.gguf_file, base.trust_remote_code)
     parameters = sum(parameter.numel() for parameter in model.parameters())
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp)  # names the architecture in the config (GGUF's does not)
         tokenizer.save_pretrained(tmp)
+        facts = reference_facts(base, model.config, tokenizer)
         del model
         rundir.upload_dir(tmp, PRETRAINED_DIR)
     log(f"base: saved the {parameters / 1e6:.1f}M-parameter model at {rundir.uri(PRETRAINED_DIR)}")
@@ -243,6 +244,7 @@ def _save_gguf_base(config: PsoupsConfig, rundir: RunDir) -> dict[str, Any]:
         "tokenizer_path": rundir.locate(PRETRAINED_DIR),
         "gguf_file": base.gguf_file,
         "parameters": parameters,
+        "metrics": {"reference": facts},
     }
 
 
