@@ -212,12 +212,12 @@ def test_a_killed_multitask_run_and_killed_driver_resume_without_retraining(poli
     run = _feedback_copy(policy_run, tmp_path)
     base_record = Manifest.load(RunDir(run)).stage("base")
     config_file = tmp_path / "rewards.yaml"  # the session run's config: the same two dimensions
-    # 24 steps, a checkpoint every 4: the restarted worker has 20 steps left when the
+    # 16 steps, a checkpoint every 4: the restarted worker has 12 steps left when the
     # driver is killed. This checks the multitask plumbing, the conditioning and the
     # resumption, not accuracy (one model learning every pole needs about as many steps as
     # the per-pole runs together).
     config = _config(
-        "rewards.mode=multitask", "rewards.steps=24", "rewards.checkpoint_every=4",
+        "rewards.mode=multitask", "rewards.steps=16", "rewards.checkpoint_every=4",
         "ray.num_cpus=2",
     )  # fmt: skip
     config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
@@ -270,7 +270,7 @@ def test_a_killed_multitask_run_and_killed_driver_resume_without_retraining(poli
         metrics = rewards[pole]["metrics"]
         assert metrics["pairs"] >= 20 and 0.0 <= metrics["accuracy"] <= 1.0
     train = rewards["P2A"]["metrics"]["train"]
-    assert train["steps"] == 24
+    assert train["steps"] == 16
     # The run restarts from the newest checkpoint it had at the kill: it repeats fewer
     # steps than the checkpoint interval.
     assert train["resumed"] and train["resumed_from_step"] >= newest["multitask"] > 0, (
