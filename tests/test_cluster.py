@@ -117,7 +117,7 @@ def test_a_pipeline_job_on_a_multi_node_cluster_trains_tunes_reports_and_serve_d
     # (token auth, as `ray start` clusters have), then `serve shutdown`.
     assert served["psoups"] == {
         "weights": manifest["tuned_weights"]["P2A+P3B"],
-        "weights_from": "tuned",
+        "source": "tuned",
     }
     assert served["choices"][0]["finish_reason"] in ("stop", "length")
 

@@ -110,7 +110,7 @@ def test_a_users_choices_become_the_soup_served_for_that_user(personal_app):
             "messages": [{"role": "user", "content": "What is salt?"}]}  # fmt: skip
     served = client.post("/v1/chat/completions", json=chat)
     assert served.status_code == 200, served.text
-    assert served.json()["psoups"] == {"weights": weights, "weights_from": "user"}
+    assert served.json()["psoups"] == {"weights": weights, "source": "user"}
     assert served.json()["model"] == "psoups:user:alice"
     given = {**chat, "model": "psoups:base", "weights": weights}
     del given["user"]
@@ -120,10 +120,10 @@ def test_a_users_choices_become_the_soup_served_for_that_user(personal_app):
         "/v1/completions",
         json={"model": "psoups", "user": "alice", "prompt": "Salt is", "max_tokens": 4},
     )
-    assert completion.json()["psoups"]["weights_from"] == "user"
+    assert completion.json()["psoups"]["source"] == "user"
     # A user with no choices gets the default soup (the base).
     newcomer = client.post("/v1/chat/completions", json={**chat, "user": "newcomer"}).json()
-    assert newcomer["psoups"] == {"weights": {}, "weights_from": "default"}
+    assert newcomer["psoups"] == {"weights": {}, "source": "default"}
 
     # Delete: every record of Alice goes, Bob's stay.
     bob = client.post("/v1/users/bob/choices", json=_choice(rng, held_out[9], "P2B", "P2A"))

@@ -109,7 +109,7 @@ def test_chat_completion_for_a_combination_equals_the_engine(served):
     assert choice.finish_reason in ("stop", "length") and choice.message.role == "assistant"
     assert 0 < response.usage.completion_tokens <= 24 and response.usage.prompt_tokens > 0
     extra = response.model_extra["psoups"]
-    assert extra == {"weights": TUNED, "weights_from": "tuned"}
+    assert extra == {"weights": TUNED, "source": "tuned"}
     assert choice.message.content == _engine_text(out, "psoups:P2A+P3B", QUESTION, 24)
     # A combination without tuned weights is served as the uniform soup.
     uniform = client.chat.completions.create(
@@ -117,7 +117,7 @@ def test_chat_completion_for_a_combination_equals_the_engine(served):
     )
     assert uniform.model_extra["psoups"] == {
         "weights": {"P2B": 0.5, "P3A": 0.5},
-        "weights_from": "uniform",
+        "source": "uniform",
     }
 
 
@@ -724,7 +724,7 @@ def test_serve_run_of_the_shipped_config_deploys_and_answers(served, tmp_path):
             f"http://127.0.0.1:{port}", lambda: process.poll() is None, QUESTION
         )
         assert answer["model"] == "psoups:P2A+P3B"
-        assert answer["psoups"] == {"weights": TUNED, "weights_from": "tuned"}
+        assert answer["psoups"] == {"weights": TUNED, "source": "tuned"}
         assert answer["choices"][0]["message"]["content"] == _engine_text(
             out, "psoups:P2A+P3B", QUESTION, 8
         )
@@ -764,7 +764,7 @@ def test_a_moved_run_serves_and_reports_and_a_missing_artifact_is_one_clear_erro
     try:
         answer = _chat(f"{base_url}/moved", {"model": "psoups:P2A+P3B", "temperature": 0})
         assert answer.status_code == 200, answer.text
-        assert answer.json()["psoups"] == {"weights": TUNED, "weights_from": "tuned"}
+        assert answer.json()["psoups"] == {"weights": TUNED, "source": "tuned"}
     finally:
         serve.delete("psoups-moved")
 

@@ -214,7 +214,7 @@ class Ingress(UserEndpoints):
                 "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens,
             },
-            "psoups": {"weights": self._weights(soup), "weights_from": soup.source},
+            "psoups": {"weights": self._weights(soup), "source": soup.source},
         }
 
     def _prompt_tokens(self, job: GenerationJob) -> int:
