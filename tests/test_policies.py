@@ -233,18 +233,25 @@ def test_ppo_step_trains_only_the_adapters_and_scores_like_the_reward_models(pol
 
 
 def test_killed_worker_resumes_from_its_checkpoint(policy_run, tmp_path):
+    from conftest import keep_dimensions
+
     source, _ = policy_run
     out = tmp_path / "run"
     shutil.copytree(source, out)
     shutil.rmtree(out / "ray" / "policies")  # only checkpoints of this test's runs count
-    # Two data-parallel workers per run, so the run also exercises gradient averaging.
-    config = _config(
-        "policies.steps=4",
-        "policies.checkpoint_every=2",
-        "policies.baselines=[]",
-        "policies.resources.num_workers=2",
-        "policies.resources.cpus_per_worker=0.25",  # all four runs' workers at once
+    # Two data-parallel workers per run, so the run also exercises gradient averaging; the
+    # two runs of one dimension (P2), each with its own checkpoints, at once.
+    config = keep_dimensions(
+        _config(
+            "policies.steps=6",  # the kill comes after iteration 2, with 4 to go
+            "policies.checkpoint_every=2",
+            "policies.baselines=[]",
+            "policies.resources.num_workers=2",
+            "policies.resources.cpus_per_worker=0.25",  # both runs' workers at once
+        ),
+        ("P2",),
     )
+    poles = ["P2A", "P2B"]
     errors: list[BaseException] = []
 
     def run():
@@ -257,7 +264,7 @@ def test_killed_worker_resumes_from_its_checkpoint(policy_run, tmp_path):
     thread.start()
     # Ray Train lists a checkpoint in this snapshot once every worker has reported it.
     snapshots = [
-        out / "ray" / "policies" / pole / "checkpoint_manager_snapshot.json" for pole in POLES
+        out / "ray" / "policies" / pole / "checkpoint_manager_snapshot.json" for pole in poles
     ]
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline and thread.is_alive():
@@ -271,8 +278,9 @@ def test_killed_worker_resumes_from_its_checkpoint(policy_run, tmp_path):
     thread.join(timeout=600)
     assert not thread.is_alive() and not errors, errors
     policies = Manifest.load(RunDir(out)).data["policies"]
+    assert sorted(policies) == poles
     resumed = {pole: r["metrics"]["resumed_from_step"] for pole, r in policies.items()}
-    assert all(r["metrics"]["steps"] == 4 for r in policies.values())
+    assert all(r["metrics"]["steps"] == 6 for r in policies.values())
     assert any(step >= 2 for step in resumed.values()), resumed
     # A restarted run resumes from the newest checkpoint it had when the worker died, so it
     # repeats fewer iterations than the checkpoint interval.
@@ -282,7 +290,7 @@ def test_killed_worker_resumes_from_its_checkpoint(policy_run, tmp_path):
     for record in policies.values():
         path = RunDir(out).resolve(record["path"])
         history = json.loads(Path(path).parent.joinpath("metrics.json").read_text())
-        assert [int(m["step"]) for m in history["history"]] == list(range(1, 5))
+        assert [int(m["step"]) for m in history["history"]] == list(range(1, 7))
 
 
 def test_merge_command_exports_the_soup_as_adapter_and_model(policy_run, tmp_path, capsys):
