@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from clusters import (
+    SERVE_CLI,
+    first_chat_answer,
+    free_port,
+    shipped_serve_config,
+    stop_processes_naming,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -31,12 +37,6 @@ TOKEN = "test-secret"
 HEADERS = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
 TUNED = {"P2A": 0.8, "P3B": 0.2}
 REQUEST_LIMIT = 64 * 1024  # the served app's max_request_bytes
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def served(policy_run, tmp_path_factory):
     manifest = Manifest.load(RunDir(out))
     manifest.data["tuned_weights"] = {"P2A+P3B": TUNED}
     manifest.save()
-    port = _free_port()
+    port = free_port()
     os.environ[TOKEN_ENV] = TOKEN
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = bind_app(
@@ -615,7 +615,7 @@ def test_merged_strategy_serves_the_same_soups_through_an_lru_of_merged_copies(s
 
 def test_psoups_serve_runs_in_the_foreground_and_stops_on_sigterm(served, tmp_path):
     out, _ = served
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "RAY_ADDRESS": "local"}  # its own local cluster, not the test's
     env.pop(TOKEN_ENV, None)
     process = subprocess.Popen(
@@ -708,14 +708,12 @@ def _ray_cli_env(**extra: str) -> dict[str, str]:
 def test_serve_run_of_the_shipped_config_deploys_and_answers(served, tmp_path):
     """Ray's own CLI, `serve run serve_configs/tiny.yaml`, in the foreground on a local
     cluster of its own (its temp dir, so the test stops exactly what it started)."""
-    from clusters import first_chat_answer, shipped_serve_config, stop_processes_naming
-
     out, _ = served
-    port = _free_port()
+    port = free_port()
     config = shipped_serve_config(tmp_path, out, port)
     temp_root = tempfile.mkdtemp(prefix="psr-", dir="/tmp")  # short: socket paths
     process = subprocess.Popen(
-        [str(Path(sys.executable).with_name("serve")), "run", str(config)],
+        [SERVE_CLI, "run", str(config)],
         cwd=REPO, env=_ray_cli_env(RAY_TMPDIR=temp_root),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
@@ -772,7 +770,7 @@ def test_a_moved_run_serves_and_reports_and_a_missing_artifact_is_one_clear_erro
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", "psoups_ray", "serve", "--run", str(moved),
-         "--port", str(_free_port())],
+         "--port", str(free_port())],
         cwd=REPO, env=_ray_cli_env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 2, result.stdout + result.stderr
